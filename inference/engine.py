@@ -1,0 +1,210 @@
+"""Engine: one synchronous step of continuous batching, from token ids to text deltas.
+
+`Engine.step()` schedules a batch, runs the model, samples, detokenizes and decides
+which requests finished. The async wrapper (streams, abort on disconnect) builds on it."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from .config import EngineConfig, SamplingParams
+from .detokenizer import IncrementalDetokenizer, StopChecker, apply_chat_template
+from .errors import InvalidParameter
+from .kv_cache import KVCacheManager
+from .loader import DTYPES, LoadedModel, load_model
+from .model_runner import ModelRunner, kv_block_bytes
+from .sampler import SampleOutput, Sampler, SamplerState
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+# Default KV budget on CPU: at most this much, and at most a quarter of the memory
+# available at start-up (the pool is zeroed, so it is resident from the start).
+_KV_DEFAULT_GIB = 1.0
+_KV_MEMORY_SHARE = 0.25
+# On CUDA the device holds little else: take this share of its free memory.
+_KV_CUDA_SHARE = 0.8
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request: new text and tokens, and whether it ended."""
+
+    seq_id: int
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    logprobs: list[SampleOutput] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    state: SamplerState
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    eos: frozenset[int]
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _eos_ids(loaded: LoadedModel, tokenizer) -> frozenset[int]:
+    ids = set(loaded.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = loaded.path / "generation_config.json"
+    if gen.is_file():  # Llama 3 style checkpoints list several end-of-turn tokens here
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return frozenset(ids)
+
+
+class Engine:
+    """Invariant: every sequence in `_requests` is known to the scheduler (waiting or
+    running) and leaves both at once when it finishes or is aborted."""
+
+    def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None, tokenizer=None):
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, attn=cfg.attn)
+        self.tokenizer = tokenizer or load_tokenizer(self.loaded.path)
+        self.load_seconds = time.perf_counter() - t0
+        mcfg = self.loaded.config
+        dtype = DTYPES[cfg.dtype]
+        block_bytes = kv_block_bytes(mcfg, len(self.loaded.layers), cfg.block_size, dtype)
+        num_blocks = max(1, int(self._kv_budget_bytes(block_bytes)) // block_bytes)
+        self.kv = KVCacheManager(num_blocks, cfg.block_size)
+        self.max_model_len = min(cfg.max_model_len or mcfg.max_position, mcfg.max_position, self.kv.capacity_tokens)
+        self.runner = ModelRunner(self.loaded.model, mcfg, self.loaded.layers, num_blocks, cfg.block_size, dtype, cfg.device)
+        self.scheduler = Scheduler(self.kv, cfg.max_batch, cfg.max_batch_tokens)
+        self.sampler = Sampler()
+        self.eos_ids = _eos_ids(self.loaded, self.tokenizer)
+        self._requests: dict[int, _Request] = {}
+        self.num_aborted = 0
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB); max context %d",
+                 num_blocks, cfg.block_size, num_blocks * block_bytes / 2**30, self.max_model_len)
+
+    def _kv_budget_bytes(self, block_bytes: int) -> float:
+        if self.cfg.kv_cache_gb is not None:
+            return self.cfg.kv_cache_gb * 2**30
+        mcfg = self.loaded.config
+        # Enough for max_batch sequences at full context, and no more.
+        wanted = -(-mcfg.max_position // self.cfg.block_size) * block_bytes * self.cfg.max_batch
+        if self.cfg.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(self.cfg.device))
+            return min(wanted, free * _KV_CUDA_SHARE)
+        available = psutil.virtual_memory().available * _KV_MEMORY_SHARE
+        return min(wanted, available, _KV_DEFAULT_GIB * 2**30)
+
+    # -- requests ---------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return apply_chat_template(self.tokenizer, messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int, param: str = "messages") -> None:
+        if num_prompt_tokens + 1 > self.max_model_len:
+            raise InvalidParameter(param, f"the prompt has {num_prompt_tokens} tokens; this model's context is {self.max_model_len}")
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise InvalidParameter(
+                "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of {self.max_model_len} tokens")
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        if not prompt_token_ids:
+            raise InvalidParameter("prompt", "must not be empty")
+        if any(not 0 <= t < self.loaded.config.vocab_size for t in prompt_token_ids):
+            raise InvalidParameter("prompt", "token ids must be in the vocabulary")
+        self.check_length(len(prompt_token_ids), 1, "prompt")
+        seq = Sequence(list(prompt_token_ids), params)
+        eos = frozenset() if params.ignore_eos else self.eos_ids
+        req = _Request(seq, SamplerState(params, seq.prompt_token_ids),
+                       IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
+                       StopChecker(params.stop), eos | frozenset(params.stop_token_ids))
+        self.scheduler.add(seq)
+        self._requests[seq.seq_id] = req
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> bool:
+        if self._requests.pop(seq_id, None) is None:
+            return False
+        self.scheduler.abort(seq_id)
+        self.num_aborted += 1
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- one step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        outputs = [self._final(self._requests.pop(s.seq_id), s.finish_reason or "length")
+                   for s in out.finished if s.seq_id in self._requests]
+        if not out.scheduled:
+            return outputs
+        inputs = self.runner.prepare(out.scheduled)
+        hidden = self.runner.forward(inputs)
+        logits = self.runner.logits(inputs, hidden) if inputs.sample_rows else None
+        self.scheduler.postprocess(out)
+        if logits is None:
+            return outputs
+        reqs = [self._requests[out.scheduled[i].seq.seq_id] for i in inputs.sample_batch_idx]
+        for req, sample in zip(reqs, self.sampler(logits, [r.state for r in reqs])):
+            outputs.append(self._advance(req, sample))
+        return outputs
+
+    def _advance(self, req: _Request, sample: SampleOutput) -> RequestOutput:
+        seq, tok = req.seq, sample.token_id
+        seq.append_token(tok)
+        req.state.observe(tok)
+        reason = None
+        text = ""
+        if tok in req.eos:
+            reason = "stop"
+        else:
+            text, hit = req.stop.feed(req.detok.add(tok))
+            if hit:
+                reason = "stop"
+            elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            text += req.stop.flush()
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.seq_id]
+        return RequestOutput(seq.seq_id, text, [tok], reason is not None, reason,
+                             seq.num_prompt_tokens, len(seq.output_token_ids),
+                             [sample] if sample.logprob is not None else [])
+
+    def _final(self, req: _Request, reason: str) -> RequestOutput:
+        seq = req.seq
+        return RequestOutput(seq.seq_id, req.stop.flush(), [], True, reason,
+                             seq.num_prompt_tokens, len(seq.output_token_ids))
+
+    # -- convenience --------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[tuple[list[int], str, str]]:
+        """Run prompts to completion; returns (token ids, text, finish reason) per prompt."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        acc: dict[int, tuple[list[int], list[str], list[str]]] = {i: ([], [], []) for i in ids}
+        while self.has_work:
+            for o in self.step():
+                toks, texts, reason = acc[o.seq_id]
+                toks += o.token_ids
+                texts.append(o.text)
+                if o.finished:
+                    reason.append(o.finish_reason)
+        return [(acc[i][0], "".join(acc[i][1]), acc[i][2][0]) for i in ids]

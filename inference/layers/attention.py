@@ -1,0 +1,127 @@
+"""Attention over the paged KV cache, for a flat batch mixing prefills and decodes.
+
+The runner orders every batch as [decodes..., prefills...]: decodes (one new token
+each) are attended in one padded, batched call; each prefill chunk gets its own call
+with a bottom-right-aligned causal mask (its earlier tokens may already be cached).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where a step's tokens sit in the flat batch and in the KV cache.
+
+    Invariants: the first `num_decodes` sequences have exactly one new token each and
+    come first in the flat batch; `q_lens[i] <= ctx_lens[i]`; `slot_mapping[t]` is the
+    cache row token t is written to; `block_tables` is padded with 0 past a
+    sequence's own blocks (those rows are masked out)."""
+
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [S, max_blocks] int64
+    q_lens: list[int]
+    ctx_lens: list[int]
+    num_decodes: int
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, L] bool, True = attend
+    block_size: int
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
+    """q: [B, H, Lq, D]; k, v: [B, KVH, Lk, D] (grouped-query heads are shared)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+
+
+def _optional_backend(name: str):
+    """The CUDA kernels are optional extras: import them only if asked, fall back to SDPA."""
+    try:
+        if name == "flash":
+            from flash_attn import flash_attn_func
+
+            return flash_attn_func
+        if name == "xformers":
+            from xformers.ops import fmha
+
+            return fmha
+    except ImportError as e:
+        log.warning("attention backend %r unavailable (%s); using SDPA", name, e)
+    return None
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, backend: str = "sdpa"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.layer_idx = layer_idx  # index into the stage's own list of caches
+        self.backend = backend
+        self._kernel = _optional_backend(backend) if backend != "sdpa" else None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D]; kv_cache: two [num_blocks, block_size, KVH, D]."""
+        k_cache, v_cache = kv_cache
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], meta, k_cache, v_cache)
+        start = nd
+        for i in range(nd, len(meta.q_lens)):
+            n, ctx = meta.q_lens[i], meta.ctx_lens[i]
+            qs = q[start : start + n]
+            if ctx == n:  # fresh prompt: its keys are exactly this step's keys
+                ks, vs = k[start : start + n], v[start : start + n]
+            else:  # a later chunk: earlier keys come from the cache
+                ks, vs = self._gather(meta.block_tables[i], ctx, k_cache, v_cache, meta.block_size)
+            out[start : start + n] = self._prefill(qs, ks, vs)
+            start += n
+        return out
+
+    def _gather(self, table: torch.Tensor, ctx: int, k_cache, v_cache, block_size: int):
+        blocks = table[: -(-ctx // block_size)]
+        ks = k_cache[blocks].flatten(0, 1)[:ctx]
+        vs = v_cache[blocks].flatten(0, 1)[:ctx]
+        return ks, vs
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention aligned bottom-right: query i sees keys up to len(k)-len(q)+i."""
+        n, ctx = q.shape[0], k.shape[0]
+        if self.backend == "flash" and self._kernel is not None and q.is_cuda:
+            # flash-attn >= 2.1 aligns its causal mask bottom-right, as we need.
+            return self._kernel(q[None], k[None], v[None], causal=True, softmax_scale=self.scale)[0]
+        if self.backend == "xformers" and self._kernel is not None and q.is_cuda:
+            bias = self._kernel.attn_bias.LowerTriangularFromBottomRightMask()
+            kv_rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(kv_rep, dim=1), v.repeat_interleave(kv_rep, dim=1)
+            return self._kernel.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=self.scale)[0]
+        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        if ctx == n:
+            o = _sdpa(qt, kt, vt, causal=True)
+        else:
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+            o = _sdpa(qt, kt, vt, mask=mask)
+        return o[0].transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
+        """One query per sequence against its whole cached context, padded to the longest."""
+        nd = meta.num_decodes
+        tables = meta.block_tables[:nd]
+        max_len = meta.decode_mask.shape[-1]
+        nblocks = -(-max_len // meta.block_size)
+        ks = k_cache[tables[:, :nblocks]].flatten(1, 2)[:, :max_len]  # [nd, L, KVH, D]
+        vs = v_cache[tables[:, :nblocks]].flatten(1, 2)[:, :max_len]
+        o = _sdpa(q[:, :, None], ks.transpose(1, 2), vs.transpose(1, 2), mask=meta.decode_mask)
+        return o[:, :, 0]

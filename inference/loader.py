@@ -1,0 +1,137 @@
+"""Builds a model for a layer range and fills it from safetensors, reading only the
+tensors that range needs (the other layers' weights are never materialised)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from .config import LayerRange, ModelConfig
+from .errors import ModelNotFound, UnsupportedModel
+from .model_source import resolve_model
+from .models.registry import model_class
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    path: Path  # local HF-style directory (also holds the tokenizer)
+    layers: LayerRange
+
+
+def read_config(path: Path) -> ModelConfig:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelNotFound(f"{path}: unreadable config.json ({e})") from None
+    return ModelConfig.from_hf(raw)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """checkpoint tensor name -> file holding it (single file or sharded with an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / f for name, f in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFound(f"{path}: no *.safetensors weights")
+    names: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            names.update(dict.fromkeys(sf.keys(), f))
+    return names
+
+
+def map_name(name: str, rng: LayerRange, cfg: ModelConfig, packed: dict) -> list[tuple[str, object]]:
+    """Our (parameter name, shard id) targets for one checkpoint tensor; [] = not ours."""
+    if m := _LAYER.match(name):
+        layer = int(m.group(1))
+        if not rng.start <= layer < rng.end:
+            return []
+        rest = m.group(2)
+        for ckpt, (ours, shard) in packed.items():
+            if f".{ckpt}." in f".{rest}":
+                return [(f"model.layers.{layer - rng.start}.{rest.replace(ckpt, ours)}", shard)]
+        return [(f"model.layers.{layer - rng.start}.{rest}", None)]
+    if name == "model.embed_tokens.weight":
+        targets = [(name, None)] if rng.is_first else []
+        if cfg.tie_word_embeddings and rng.is_last and not rng.is_first:
+            targets.append(("lm_head.weight", None))  # tied head on a stage without the embedding
+        return targets
+    if name == "model.norm.weight":
+        return [(name, None)] if rng.is_last else []
+    if name == "lm_head.weight":
+        return [(name, None)] if rng.is_last and not cfg.tie_word_embeddings else []
+    return []  # rotary caches and other extras some checkpoints carry
+
+
+def load_model(
+    source: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    layers: tuple[int, int] | None = None,
+    attn: str = "sdpa",
+) -> LoadedModel:
+    path = resolve_model(source)
+    cfg = read_config(path)
+    rng = LayerRange(*layers, cfg.num_layers) if layers else LayerRange(0, cfg.num_layers, cfg.num_layers)
+    cls = model_class(cfg.architecture)
+    with _default_dtype(DTYPES[dtype]), torch.device(device):
+        model = cls(cfg, rng, attn)
+    load_weights(model, path, rng)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, cfg, path, rng)
+
+
+def load_weights(model: nn.Module, path: Path, rng: LayerRange) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules_mapping", {})
+    cfg: ModelConfig = model.config
+    plan: dict[Path, list[tuple[str, list]]] = {}
+    for name, file in _weight_files(path).items():
+        if targets := map_name(name, rng, cfg, packed):
+            plan.setdefault(file, []).append((name, targets))
+    pending = {n for n in params}
+    total = sum(len(v) for v in plan.values())
+    with tqdm(total=total, desc=f"loading layers {rng.start}-{rng.end - 1}", unit="tensor", disable=None) as bar:
+        for file, items in plan.items():
+            with safe_open(str(file), framework="pt") as sf:
+                for name, targets in items:
+                    tensor = sf.get_tensor(name)
+                    for target, shard in targets:
+                        if target not in params:
+                            raise UnsupportedModel(f"checkpoint tensor {name} has no place in our model ({target})")
+                        p = params[target]
+                        p.weight_loader(p, tensor, shard) if hasattr(p, "weight_loader") else p.data.copy_(tensor)
+                        pending.discard(target)
+                    bar.update()
+    # A tied lm_head shares its tensor with the embedding, which was loaded.
+    if cfg.tie_word_embeddings and rng.is_first and rng.is_last:
+        pending.discard("lm_head.weight")
+    if pending:
+        raise UnsupportedModel(f"checkpoint is missing weights: {', '.join(sorted(pending)[:5])}")

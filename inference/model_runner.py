@@ -1,0 +1,112 @@
+"""Runs one scheduled step of a (stage) model over the paged KV cache.
+
+Turns the scheduler's list of (sequence, new tokens) into flat tensors — token ids or
+hidden states, positions, cache slots, block tables — and calls the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import LayerRange, ModelConfig
+from .layers.attention import AttentionMetadata
+from .scheduler import ScheduledSeq
+from .sequence import Sequence
+
+
+def token_slice(seq: Sequence, start: int, end: int) -> list[int]:
+    """seq.all_token_ids[start:end] without copying the whole history every decode step."""
+    p = seq.num_prompt_tokens
+    if start >= p:
+        return seq.output_token_ids[start - p : end - p]
+    return (seq.prompt_token_ids + seq.output_token_ids)[start:end]
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """A step laid out for the model: sequences reordered decodes-first."""
+
+    order: list[int]  # order[j] = index in the scheduler's batch of the j-th laid-out sequence
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: list[int]  # flat row of the last token of each sequence that needs a sample
+    sample_batch_idx: list[int]  # those sequences' indices in the scheduler's batch
+
+
+def kv_block_bytes(cfg: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    """Owns a stage model and the KV tensors of its layers (one (K, V) pair per layer)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, layers: LayerRange,
+                 num_blocks: int, block_size: int, dtype: torch.dtype, device: str | torch.device):
+        self.model = model
+        self.cfg = cfg
+        self.layers = layers
+        self.block_size = block_size
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(len(layers))
+        ]
+
+    def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
+        order = sorted(range(len(batch)), key=lambda i: batch[i].num_new_tokens != 1)
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens: list[int] = []
+        ctx_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_idx: list[int] = []
+        for i in order:
+            item = batch[i]
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            tokens += token_slice(seq, start, end)
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            q_lens.append(item.num_new_tokens)
+            ctx_lens.append(end)
+            if item.needs_sample:
+                sample_rows.append(len(tokens) - 1)
+                sample_idx.append(i)
+        width = max(len(batch[i].seq.block_table) for i in order)
+        tables = [batch[i].seq.block_table + [0] * (width - len(batch[i].seq.block_table)) for i in order]
+        num_decodes = sum(1 for n in q_lens if n == 1)
+        dev = self.device
+        decode_mask = None
+        if num_decodes:
+            dec_ctx = torch.tensor(ctx_lens[:num_decodes], device=dev)
+            decode_mask = (torch.arange(int(dec_ctx.max()), device=dev)[None] < dec_ctx[:, None])[:, None, None]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            q_lens=q_lens, ctx_lens=ctx_lens, num_decodes=num_decodes,
+            decode_mask=decode_mask, block_size=bs,
+        )
+        return StepInputs(
+            order=order,
+            token_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            meta=meta, sample_rows=sample_rows, sample_batch_idx=sample_idx,
+        )
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run this stage's layers: on token ids if it is the first stage, else on `hidden`
+        (laid out in `inputs.order`). Returns the stage's output hidden states [T, H]."""
+        x = inputs.token_ids if self.layers.is_first else hidden
+        return self.model(x, inputs.positions, inputs.meta, self.kv_caches)
+
+    @torch.inference_mode()
+    def logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [n, V] of the sequences needing a sample, in `sample_batch_idx` order."""
+        rows = torch.tensor(inputs.sample_rows, dtype=torch.long, device=hidden.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)).float()

@@ -1,0 +1,108 @@
+"""LLaMA family (Llama 2/3, SmolLM, ...), built for one pipeline stage's layer range."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LayerRange, ModelConfig
+from ..layers.activation import SiluAndMul
+from ..layers.attention import Attention, AttentionMetadata
+from ..layers.embedding import LMHead, VocabEmbedding
+from ..layers.linear import Linear, MergedLinear, QKVLinear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, attn_backend: str):
+        super().__init__()
+        self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.rotary = rotary
+        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx, attn_backend)
+        self.shape_q = (cfg.num_heads, cfg.head_dim)
+        self.shape_kv = (cfg.num_kv_heads, cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q, k = self.rotary(positions, q.view(-1, *self.shape_q), k.view(-1, *self.shape_kv))
+        o = self.attn(q, k, v.view(-1, *self.shape_kv), meta, cache)
+        return self.o_proj(o.flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
+        self.act = SiluAndMul()
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, attn_backend: str):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, attn_backend)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, meta, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Holds only what the stage runs: the embedding if it starts at layer 0, the final
+    norm if it ends at the last layer. `layers[i]` is global layer `start + i`."""
+
+    def __init__(self, cfg: ModelConfig, rng: LayerRange, attn_backend: str):
+        super().__init__()
+        self.rng = rng
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size) if rng.is_first else None
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, rotary, attn_backend) for i in range(len(rng))
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if rng.is_last else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, positions, meta, cache)
+        return self.norm(h) if self.norm is not None else h
+
+
+class LlamaForCausalLM(nn.Module):
+    """Stage model: `forward` takes token ids on the first stage and hidden states on
+    the others, and returns hidden states (normalised on the last stage);
+    `compute_logits` exists only on the last stage."""
+
+    # checkpoint projection name -> (our merged parameter, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, rng: LayerRange | None = None, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.config = cfg
+        self.rng = rng or LayerRange(0, cfg.num_layers, cfg.num_layers)
+        self.model = LlamaModel(cfg, self.rng, attn_backend)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size) if self.rng.is_last else None
+        if self.lm_head is not None and cfg.tie_word_embeddings and self.model.embed_tokens is not None:
+            # One tensor for both ends; a last-only stage loads the embedding into lm_head.
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]) -> torch.Tensor:
+        return self.model(x, positions, meta, caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,232 @@
+"""Continuous batching: which sequences run how many tokens in the next forward pass.
+
+Pure Python (no torch, no I/O, no threads); the engine owns the step loop:
+
+    out = scheduler.schedule()          # blocks for every scheduled token are allocated
+    ... forward pass over out.scheduled ...
+    scheduler.postprocess(out)          # the scheduled tokens now count as computed
+    for s in out.scheduled:
+        if s.needs_sample: append the sampled token; scheduler.finish(seq, ...) if it ended
+
+The policy follows vLLM v1: one token budget per step shared by decodes and (chunked)
+prefills, running sequences first, then FCFS admission by free KV blocks, and preemption
+by recompute when the pool runs out."""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from .errors import CacheFull, InvalidParameter
+from .kv_cache import KVCacheManager, blocks_for_tokens
+from .sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """`num_new_tokens` tokens of `seq` to run this step, at positions
+    `start .. start + num_new_tokens - 1`.
+
+    `start` and `needs_sample` are fixed when the step is scheduled: `postprocess` and the
+    engine's `append_token` change the sequence afterwards, and both must still read the
+    decision as it was made."""
+
+    seq: Sequence
+    num_new_tokens: int
+    start: int = field(init=False)
+    # True when this step computes the sequence's last token: the engine samples for it.
+    needs_sample: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start = self.seq.num_computed_tokens
+        if not 1 <= self.num_new_tokens <= self.seq.num_uncomputed_tokens:
+            raise ValueError(
+                f"seq {self.seq.seq_id}: {self.num_new_tokens} new tokens, "
+                f"{self.seq.num_uncomputed_tokens} uncomputed"
+            )
+        self.needs_sample = self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's decision. `scheduled` is in batch order (running ones first, then newly
+    admitted ones); `preempted` lost their blocks and wait again; `finished` were ended by
+    the scheduler itself (reason "length": the whole pool cannot hold their next token)."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Waiting queue (FCFS deque) and running list (admission order) over one KV pool.
+
+    Invariants:
+    - every live sequence is in exactly one of `waiting` (status WAITING, no blocks,
+      `num_computed_tokens == 0`) or `running` (status RUNNING); finished ones are in neither;
+    - only running sequences own KV blocks, so freeing every running sequence empties the pool;
+    - `len(running) <= max_batch`, and no step schedules more than `max_batch_tokens` tokens;
+    - `running` is ordered by admission, so its tail is the preemption victim.
+    """
+
+    def __init__(self, kv: KVCacheManager, max_batch: int, max_batch_tokens: int):
+        if max_batch < 1:
+            raise InvalidParameter("max_batch", "must be >= 1")
+        if max_batch_tokens < 1:
+            raise InvalidParameter("max_batch_tokens", "must be >= 1")
+        self.kv = kv
+        self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._live: dict[int, Sequence] = {}  # seq_id -> waiting or running sequence
+
+    # -- views ---------------------------------------------------------------------------
+    @property
+    def waiting(self) -> tuple[Sequence, ...]:
+        return tuple(self._waiting)
+
+    @property
+    def running(self) -> tuple[Sequence, ...]:
+        return tuple(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    # -- requests in and out -------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Enqueue a new sequence; raises CacheFull if its prompt exceeds the whole pool."""
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+            raise ValueError(f"seq {seq.seq_id} is not a fresh waiting sequence")
+        if seq.seq_id in self._live:
+            raise ValueError(f"seq {seq.seq_id} was already added")
+        needed = blocks_for_tokens(seq.num_prompt_tokens, self.kv.block_size)
+        if needed > self.kv.pool.num_blocks:
+            raise CacheFull(needed, self.kv.num_free_blocks, self.kv.pool.num_blocks)
+        self._waiting.append(seq)
+        self._live[seq.seq_id] = seq
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """End a waiting or running sequence now (its blocks return to the pool at once)."""
+        seq = self._live.get(seq_id)
+        if seq is None:
+            return None
+        self._end(seq, "abort")
+        return seq
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """The engine ends a sequence (eos, stop, length); a no-op if it already ended."""
+        if seq.seq_id in self._live:
+            self._end(seq, reason)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
+        del self._live[seq.seq_id]
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    # -- one step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Decide this step and allocate the KV blocks of every scheduled token."""
+        out = SchedulerOutput()
+        budget = self.max_batch_tokens
+
+        # Running sequences first, in admission order: a decode takes one token, a sequence
+        # in chunked prefill its next chunk. Victims come off the tail, which this loop has
+        # not reached yet, so a scheduled sequence is never preempted in the same step.
+        i = 0
+        while i < len(self._running) and budget > 0:
+            seq = self._running[i]
+            if self._exceeds_pool(seq):
+                self._end(seq, "length")
+                out.finished.append(seq)
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:  # nothing to compute (the engine has not appended a token yet)
+                i += 1
+                continue
+            target = seq.num_computed_tokens + n
+            while not self.kv.can_allocate(seq, target):
+                victim = self._preempt_last()
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # it preempted itself: it was the tail, nothing runs after it
+            self.kv.allocate(seq, target)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+            i += 1
+
+        # Then admit waiting sequences, strictly FCFS: when the head does not fit, nothing
+        # behind it jumps ahead (a long prompt is never starved by a stream of short ones).
+        # After a preemption the pool is known to be short, so nothing is admitted.
+        while (
+            self._waiting
+            and not out.preempted
+            and budget > 0
+            and len(self._running) < self.max_batch
+        ):
+            seq = self._waiting[0]
+            if self._exceeds_pool(seq):
+                self._end(seq, "length")
+                out.finished.append(seq)
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.kv.can_allocate(seq, n):
+                break
+            self._waiting.popleft()
+            self.kv.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self._running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+    def postprocess(self, out: SchedulerOutput) -> None:
+        """Count this step's tokens as computed. Sequences aborted while the forward pass
+        ran are skipped: their blocks, and with them their KV, are already gone."""
+        for s in out.scheduled:
+            if s.seq.status is SequenceStatus.RUNNING:
+                s.seq.num_computed_tokens += s.num_new_tokens
+
+    def _exceeds_pool(self, seq: Sequence) -> bool:
+        # Computing all of its tokens would need more than every block of the pool, so it
+        # can never sample again: ending it is the only way not to deadlock on it.
+        return seq.num_tokens > self.kv.capacity_tokens
+
+    def _preempt_last(self) -> Sequence:
+        """Recompute preemption of the most recently admitted running sequence: drop its KV
+        and put it at the front of the queue; it re-prefills prompt + output on resume."""
+        seq = self._running.pop()
+        self.kv.free(seq)  # also resets num_computed_tokens
+        seq.status = SequenceStatus.WAITING
+        self._waiting.appendleft(seq)
+        logger.info(
+            "preempted seq %d (%d tokens) for lack of KV blocks; %d running, %d waiting",
+            seq.seq_id, seq.num_tokens, len(self._running), len(self._waiting),
+        )
+        return seq
