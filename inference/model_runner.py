@@ -82,14 +82,15 @@ class ModelRunner:
         num_decodes = sum(1 for n in q_lens if n == 1)
         dev = self.device
         decode_mask = None
-        if num_decodes:
+        decode_len = max(ctx_lens[:num_decodes], default=0)
+        if num_decodes and min(ctx_lens[:num_decodes]) < decode_len:  # padding to mask out
             dec_ctx = torch.tensor(ctx_lens[:num_decodes], device=dev)
-            decode_mask = (torch.arange(int(dec_ctx.max()), device=dev)[None] < dec_ctx[:, None])[:, None, None]
+            decode_mask = (torch.arange(decode_len, device=dev)[None] < dec_ctx[:, None])[:, None, None]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             q_lens=q_lens, ctx_lens=ctx_lens, num_decodes=num_decodes,
-            decode_mask=decode_mask, block_size=bs,
+            decode_len=decode_len, decode_mask=decode_mask, block_size=bs,
         )
         return StepInputs(
             order=order,

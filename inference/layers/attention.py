@@ -30,7 +30,8 @@ class AttentionMetadata:
     q_lens: list[int]
     ctx_lens: list[int]
     num_decodes: int
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, L] bool, True = attend
+    decode_len: int  # longest context among the decodes
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, decode_len] bool, True = attend; None if no padding
     block_size: int
 
 
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         """One query per sequence against its whole cached context, padded to the longest."""
         nd = meta.num_decodes
         tables = meta.block_tables[:nd]
-        max_len = meta.decode_mask.shape[-1]
+        max_len = meta.decode_len
         nblocks = -(-max_len // meta.block_size)
         ks = k_cache[tables[:, :nblocks]].flatten(1, 2)[:, :max_len]  # [nd, L, KVH, D]
         vs = v_cache[tables[:, :nblocks]].flatten(1, 2)[:, :max_len]

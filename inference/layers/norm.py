@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,9 +12,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, as the reference
-        # implementation does: bf16 results then match it bit for bit.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # One fused op: per-op overhead dominates small decode steps on CPU. It
+        # accumulates in float32 for bf16 inputs, like the reference implementation.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

@@ -10,25 +10,26 @@ from ..layers.attention import Attention, AttentionMetadata
 from ..layers.embedding import LMHead, VocabEmbedding
 from ..layers.linear import Linear, MergedLinear, QKVLinear
 from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding
+from ..layers.rotary import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, attn_backend: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_backend: str):
         super().__init__()
         self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        self.rotary = rotary
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx, attn_backend)
-        self.shape_q = (cfg.num_heads, cfg.head_dim)
-        self.shape_kv = (cfg.num_kv_heads, cfg.head_dim)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q, k = self.rotary(positions, q.view(-1, *self.shape_q), k.view(-1, *self.shape_kv))
-        o = self.attn(q, k, v.view(-1, *self.shape_kv), meta, cache)
+    def forward(self, x: torch.Tensor, rope: CosSin, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
+        # Queries and keys are adjacent heads of the merged output: rotate them in one go.
+        h, kv = self.num_heads, self.num_kv_heads
+        qk = apply_rotary(qkv[:, : h + kv], rope)
+        o = self.attn(qk[:, :h], qk[:, h:], qkv[:, h + kv :], meta, cache)
         return self.o_proj(o.flatten(1))
 
 
@@ -44,15 +45,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, attn_backend: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_backend: str):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, attn_backend)
+        self.self_attn = LlamaAttention(cfg, layer_idx, attn_backend)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, meta, cache)
+    def forward(self, h: torch.Tensor, rope: CosSin, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, meta, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -64,16 +65,15 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.rng = rng
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size) if rng.is_first else None
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary, attn_backend) for i in range(len(rng))
-        )
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_backend) for i in range(len(rng)))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if rng.is_last else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        rope = self.rotary.cos_sin(positions, h.dtype)
         for layer, cache in zip(self.layers, caches):
-            h = layer(h, positions, meta, cache)
+            h = layer(h, rope, meta, cache)
         return self.norm(h) if self.norm is not None else h
 
 
