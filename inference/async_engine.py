@@ -1,0 +1,180 @@
+"""AsyncEngine: async streams of text deltas over the synchronous Engine.
+
+The model loop runs in its own thread and sleeps on a `threading.Event` when there is
+nothing to do (no busy polling). The event loop hands it requests and aborts through a
+thread-safe inbox; outputs travel back through each request's `asyncio.Queue`.
+Invariant: only the model thread touches the Engine after `start()`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .config import SamplingParams
+from .engine import Engine, RequestOutput
+from .errors import InferenceError, InvalidParameter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    model: str
+    waiting: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    aborted: int
+    finished: int
+    generated_tokens: int
+    max_model_len: int
+    ready: bool
+
+
+class EngineDead(InferenceError):
+    """The model loop stopped on an unexpected error; requests fail until restart."""
+
+
+class EngineNotReady(InferenceError):
+    """The model is still loading (or waiting for its workers)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    prompt: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    seq_id: int | None = None  # set by the model thread once added
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine | None, model_name: str):
+        """`engine` may be None while the model loads; `attach` it later. The HTTP server
+        is up meanwhile, answering 503 until then."""
+        self.engine = engine
+        self.model_name = model_name
+        self._inbox: deque[tuple[str, _Pending]] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._streams: dict[int, _Pending] = {}  # model thread only
+        self._error: BaseException | None = None
+        self.finished = 0
+        self.generated_tokens = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self._thread is not None and self._error is None
+
+    def start(self) -> None:
+        if self.engine is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    # -- requests ---------------------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs; the last one has `finished` set. Leaving the
+        iteration early (break, aclose, cancellation) aborts the request."""
+        if self._error is not None:
+            raise EngineDead(f"the model loop stopped: {self._error}")
+        if not self.ready:
+            raise EngineNotReady(f"model {self.model_name} is still loading")
+        self._validate(prompt_token_ids, params)
+        req = _Pending(list(prompt_token_ids), params, asyncio.Queue(), asyncio.get_running_loop())
+        self._post("add", req)
+        done = False
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done = item.finished
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                self._post("abort", req)
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InvalidParameter("prompt", "must not be empty")
+        vocab = self.engine.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidParameter("prompt", "token ids must be in the vocabulary")
+        self.engine.check_length(len(prompt), params.max_tokens)
+
+    def _post(self, kind: str, req: _Pending) -> None:
+        self._inbox.append((kind, req))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        e = self.engine
+        if e is None:
+            return EngineStats(self.model_name, 0, 0, 0, 0, 0, 0, 0, 0, 0, ready=False)
+        # Plain int reads of state the model thread owns: a status snapshot may be one step old.
+        return EngineStats(
+            model=self.model_name, waiting=e.scheduler.num_waiting, running=e.scheduler.num_running,
+            kv_blocks_used=e.kv.num_used_blocks, kv_blocks_free=e.kv.num_free_blocks,
+            kv_blocks_total=e.kv.pool.num_blocks, aborted=e.num_aborted, finished=self.finished,
+            generated_tokens=self.generated_tokens, max_model_len=e.max_model_len,
+            ready=self.ready,
+        )
+
+    # -- model thread ------------------------------------------------------------------------
+    def _deliver(self, req: _Pending, item) -> None:
+        req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, req = self._inbox.popleft()
+            if kind == "add":
+                try:
+                    req.seq_id = self.engine.add_request(req.prompt, req.params)
+                    self._streams[req.seq_id] = req
+                except InferenceError as e:
+                    self._deliver(req, e)
+            elif req.seq_id is not None and self._streams.pop(req.seq_id, None) is not None:
+                self.engine.abort(req.seq_id)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_work:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    req = self._streams.get(out.seq_id)
+                    self.generated_tokens += len(out.token_ids)
+                    if out.finished:
+                        self._streams.pop(out.seq_id, None)
+                        self.finished += 1
+                    if req is not None:
+                        self._deliver(req, out)
+        except BaseException as e:  # keep serving errors, not hangs, to every waiting client
+            log.exception("model loop crashed")
+            self._error = e
+        # Nobody may wait forever: fail what is still in flight (crash or shutdown).
+        why = f"the model loop stopped: {self._error}" if self._error else "the server is shutting down"
+        for req in list(self._streams.values()) + [r for _, r in self._inbox]:
+            self._deliver(req, EngineDead(why))
+        self._streams.clear()

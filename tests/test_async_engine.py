@@ -1,0 +1,92 @@
+"""AsyncEngine: concurrent streams, queueing past max_batch, abort frees KV, not-ready."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from inference.async_engine import AsyncEngine, EngineNotReady
+from inference.config import EngineConfig, SamplingParams
+from inference.engine import Engine
+from inference.errors import InvalidParameter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sync_engine() -> Engine:
+    return Engine(EngineConfig(kv_cache_gb=0.1, max_batch=2))
+
+
+async def collect(aeng: AsyncEngine, ids: list[int], params: SamplingParams) -> list[int]:
+    toks: list[int] = []
+    async for out in aeng.generate(ids, params):
+        toks += out.token_ids
+    return toks
+
+
+async def wait_idle(aeng: AsyncEngine, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (s := aeng.stats()).running or s.waiting or s.kv_blocks_used:
+        assert asyncio.get_running_loop().time() < deadline, f"engine still busy: {s}"
+        await asyncio.sleep(0.02)
+
+
+def test_streams_queue_past_max_batch_and_match_sequential(sync_engine):
+    prompts = [sync_engine.encode_chat([{"role": "user", "content": q}])
+               for q in ("Hi!", "Name a fruit.", "What is 3+4?", "Say hello in Spanish.", "Name a planet.")]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [t for t, _, _ in sync_engine.generate(prompts, greedy)]
+
+    async def main():
+        aeng = AsyncEngine(sync_engine, "smollm2")
+        aeng.start()
+        try:
+            got = await asyncio.gather(*(collect(aeng, p, greedy) for p in prompts))
+            await wait_idle(aeng)
+            return got, aeng.stats()
+        finally:
+            await aeng.shutdown()
+
+    got, stats = asyncio.run(main())
+    assert got == alone  # 5 requests through a batch of 2: the rest queued, then joined
+    assert stats.finished == 5 and stats.kv_blocks_used == 0
+
+
+def test_leaving_the_stream_aborts_and_frees_blocks(sync_engine):
+    ids = sync_engine.encode_chat([{"role": "user", "content": "Write a long essay about rivers."}])
+
+    async def main():
+        aeng = AsyncEngine(sync_engine, "smollm2")
+        aeng.start()
+        try:
+            seen = 0
+            async for _ in aeng.generate(ids, SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)):
+                seen += 1
+                if seen == 3:
+                    break  # the consumer goes away, as a disconnected client does
+            await wait_idle(aeng)
+            return aeng.stats()
+        finally:
+            await aeng.shutdown()
+
+    stats = asyncio.run(main())
+    assert stats.aborted >= 1 and stats.running == 0 and stats.kv_blocks_used == 0
+
+
+def test_errors_before_the_first_token(sync_engine):
+    async def main():
+        idle = AsyncEngine(None, "smollm2")
+        assert not idle.stats().ready
+        with pytest.raises(EngineNotReady):
+            await collect(idle, [1, 2, 3], SamplingParams())
+        aeng = AsyncEngine(sync_engine, "smollm2")
+        aeng.start()
+        try:
+            with pytest.raises(InvalidParameter) as e:
+                await collect(aeng, [1] * 10, SamplingParams(max_tokens=10**6))
+            assert e.value.param == "max_tokens"
+        finally:
+            await aeng.shutdown()
+
+    asyncio.run(main())
