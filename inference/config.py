@@ -77,25 +77,29 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class LayerRange:
-    """Decoder layers [start, end) of a model with `num_layers` layers (exo's `Shard`)."""
+    """What one stage holds (exo's `Shard`): decoder layers [start, end) of a model with
+    `num_layers` layers, plus the embedding (`embed`) and/or the final norm and LM head
+    (`head`). By default a range starting at 0 embeds and one ending at the last layer
+    has the head; a pipeline master holds both ends and no layers."""
 
     start: int
     end: int
     num_layers: int
+    embed: bool | None = None
+    head: bool | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end <= self.num_layers:
+        # Frozen: derived defaults are written once, here.
+        if self.embed is None:
+            object.__setattr__(self, "embed", self.start == 0)
+        if self.head is None:
+            object.__setattr__(self, "head", self.end == self.num_layers)
+        if not 0 <= self.start <= self.end <= self.num_layers or (
+            self.start == self.end and not (self.embed or self.head)
+        ):
             raise InvalidParameter(
                 "layers", f"range [{self.start}, {self.end}) is not inside 0..{self.num_layers}"
             )
-
-    @property
-    def is_first(self) -> bool:
-        return self.start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.end == self.num_layers
 
     def __len__(self) -> int:
         return self.end - self.start

@@ -79,14 +79,14 @@ def map_name(name: str, rng: LayerRange, cfg: ModelConfig, packed: dict) -> list
                 return [(f"model.layers.{layer - rng.start}.{rest.replace(ckpt, ours)}", shard)]
         return [(f"model.layers.{layer - rng.start}.{rest}", None)]
     if name == "model.embed_tokens.weight":
-        targets = [(name, None)] if rng.is_first else []
-        if cfg.tie_word_embeddings and rng.is_last and not rng.is_first:
+        targets = [(name, None)] if rng.embed else []
+        if cfg.tie_word_embeddings and rng.head and not rng.embed:
             targets.append(("lm_head.weight", None))  # tied head on a stage without the embedding
         return targets
     if name == "model.norm.weight":
-        return [(name, None)] if rng.is_last else []
+        return [(name, None)] if rng.head else []
     if name == "lm_head.weight":
-        return [(name, None)] if rng.is_last and not cfg.tie_word_embeddings else []
+        return [(name, None)] if rng.head and not cfg.tie_word_embeddings else []
     return []  # rotary caches and other extras some checkpoints carry
 
 
@@ -94,12 +94,15 @@ def load_model(
     source: str,
     dtype: str = "float32",
     device: str = "cpu",
-    layers: tuple[int, int] | None = None,
+    layers: tuple[int, int] | LayerRange | None = None,
     attn: str = "sdpa",
 ) -> LoadedModel:
     path = resolve_model(source)
     cfg = read_config(path)
-    rng = LayerRange(*layers, cfg.num_layers) if layers else LayerRange(0, cfg.num_layers, cfg.num_layers)
+    if isinstance(layers, LayerRange):
+        rng = layers
+    else:
+        rng = LayerRange(*(layers or (0, cfg.num_layers)), cfg.num_layers)
     cls = model_class(cfg.architecture)
     with _default_dtype(DTYPES[dtype]), torch.device(device):
         model = cls(cfg, rng, attn)
@@ -118,7 +121,7 @@ def load_weights(model: nn.Module, path: Path, rng: LayerRange) -> None:
             plan.setdefault(file, []).append((name, targets))
     pending = {n for n in params}
     total = sum(len(v) for v in plan.values())
-    with tqdm(total=total, desc=f"loading layers {rng.start}-{rng.end - 1}", unit="tensor", disable=None) as bar:
+    with tqdm(total=total, desc=f"loading layers [{rng.start}, {rng.end})", unit="tensor", disable=None) as bar:
         for file, items in plan.items():
             with safe_open(str(file), framework="pt") as sf:
                 for name, targets in items:
@@ -131,7 +134,7 @@ def load_weights(model: nn.Module, path: Path, rng: LayerRange) -> None:
                         pending.discard(target)
                     bar.update()
     # A tied lm_head shares its tensor with the embedding, which was loaded.
-    if cfg.tie_word_embeddings and rng.is_first and rng.is_last:
+    if cfg.tie_word_embeddings and rng.embed and rng.head:
         pending.discard("lm_head.weight")
     if pending:
         raise UnsupportedModel(f"checkpoint is missing weights: {', '.join(sorted(pending)[:5])}")

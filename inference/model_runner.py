@@ -103,7 +103,7 @@ class ModelRunner:
     def forward(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Run this stage's layers: on token ids if it is the first stage, else on `hidden`
         (laid out in `inputs.order`). Returns the stage's output hidden states [T, H]."""
-        x = inputs.token_ids if self.layers.is_first else hidden
+        x = inputs.token_ids if self.layers.embed else hidden
         return self.model(x, inputs.positions, inputs.meta, self.kv_caches)
 
     @torch.inference_mode()

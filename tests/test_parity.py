@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.config import SamplingParams
+from inference.config import LayerRange, SamplingParams
 from inference.kv_cache import KVCacheManager
 from inference.loader import load_model
 from inference.model_runner import ModelRunner
@@ -36,7 +36,7 @@ class Chain:
         for r in self.runners:
             hidden = r.forward(inputs, hidden)
         seq.num_computed_tokens += n
-        return self.runners[-1].model.compute_logits(hidden)
+        return next(r for r in self.runners if r.layers.head).model.compute_logits(hidden)
 
 
 def reference_logits(hf, prompt: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
@@ -56,14 +56,17 @@ def reference_logits(hf, prompt: list[int]) -> tuple[torch.Tensor, list[torch.Te
 
 
 @pytest.mark.parametrize("kind", list(VARIANTS))
-@pytest.mark.parametrize("split", [None, 1, 3], ids=["whole", "split1", "split3"])
+@pytest.mark.parametrize("split", [None, 1, 3, "ends"], ids=["whole", "split1", "split3", "master-ends"])
 def test_logits_match_transformers(tmp_path, kind, split):
     hf = make_tiny(kind, tmp_path)
     n = hf.config.num_hidden_layers
     prompt = torch.randint(0, hf.config.vocab_size, (11,), generator=torch.Generator().manual_seed(1)).tolist()
     ref_prefill, ref_steps, tokens = reference_logits(hf, prompt)
 
-    ranges = [(0, n)] if split is None else [(0, split), (split, n)]
+    if split == "ends":  # a pipeline master (embedding, norm, head) and one all-layers worker
+        ranges = [LayerRange(0, 0, n, embed=True, head=True), LayerRange(0, n, n, embed=False, head=False)]
+    else:
+        ranges = [(0, n)] if split is None else [(0, split), (split, n)]
     chain = Chain(tmp_path, ranges)
     seq = Sequence(prompt, SamplingParams(temperature=0))
     # Prefill in two chunks, so cached-context attention is exercised too.

@@ -58,29 +58,32 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Holds only what the stage runs: the embedding if it starts at layer 0, the final
-    norm if it ends at the last layer. `layers[i]` is global layer `start + i`."""
+    """Holds only what the stage runs: the embedding and/or the final norm (applied by
+    `LlamaForCausalLM.compute_logits`, so that a pipeline master holding both ends can
+    embed, send hidden states out, and finish them when they return).
+    `layers[i]` is global layer `start + i`."""
 
     def __init__(self, cfg: ModelConfig, rng: LayerRange, attn_backend: str):
         super().__init__()
         self.rng = rng
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size) if rng.is_first else None
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size) if rng.embed else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_backend) for i in range(len(rng)))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if rng.is_last else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if rng.head else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        rope = self.rotary.cos_sin(positions, h.dtype)
-        for layer, cache in zip(self.layers, caches):
-            h = layer(h, rope, meta, cache)
-        return self.norm(h) if self.norm is not None else h
+        if self.layers:
+            rope = self.rotary.cos_sin(positions, h.dtype)
+            for layer, cache in zip(self.layers, caches):
+                h = layer(h, rope, meta, cache)
+        return h
 
 
 class LlamaForCausalLM(nn.Module):
-    """Stage model: `forward` takes token ids on the first stage and hidden states on
-    the others, and returns hidden states (normalised on the last stage);
-    `compute_logits` exists only on the last stage."""
+    """Stage model: `forward` takes token ids where the stage embeds and hidden states
+    elsewhere, and returns the hidden states after its layers; `compute_logits` (final
+    norm + LM head) works only where the stage holds the head."""
 
     # checkpoint projection name -> (our merged parameter, shard id)
     packed_modules_mapping = {
@@ -94,9 +97,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, rng: LayerRange | None = None, attn_backend: str = "sdpa"):
         super().__init__()
         self.config = cfg
-        self.rng = rng or LayerRange(0, cfg.num_layers, cfg.num_layers)
+        self.rng = rng if rng is not None else LayerRange(0, cfg.num_layers, cfg.num_layers)
         self.model = LlamaModel(cfg, self.rng, attn_backend)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size) if self.rng.is_last else None
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size) if self.rng.head else None
         if self.lm_head is not None and cfg.tie_word_embeddings and self.model.embed_tokens is not None:
             # One tensor for both ends; a last-only stage loads the embedding into lm_head.
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -105,4 +108,4 @@ class LlamaForCausalLM(nn.Module):
         return self.model(x, positions, meta, caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.lm_head(self.model.norm(hidden))
