@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LayerRange, ModelConfig
-from .layers.attention import AttentionMetadata
+from .layers.attention import AttentionMetadata, build_metadata
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
@@ -81,17 +81,9 @@ class ModelRunner:
         tables = [batch[i].seq.block_table + [0] * (width - len(batch[i].seq.block_table)) for i in order]
         num_decodes = sum(1 for n in q_lens if n == 1)
         dev = self.device
-        decode_mask = None
-        decode_len = max(ctx_lens[:num_decodes], default=0)
-        if num_decodes and min(ctx_lens[:num_decodes]) < decode_len:  # padding to mask out
-            dec_ctx = torch.tensor(ctx_lens[:num_decodes], device=dev)
-            decode_mask = (torch.arange(decode_len, device=dev)[None] < dec_ctx[:, None])[:, None, None]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-            q_lens=q_lens, ctx_lens=ctx_lens, num_decodes=num_decodes,
-            decode_len=decode_len, decode_mask=decode_mask, block_size=bs,
-        )
+        meta = build_metadata(torch.tensor(slots, dtype=torch.long, device=dev),
+                              torch.tensor(tables, dtype=torch.long, device=dev),
+                              q_lens, ctx_lens, num_decodes, bs)
         return StepInputs(
             order=order,
             token_ids=torch.tensor(tokens, dtype=torch.long, device=dev),

@@ -35,6 +35,19 @@ class AttentionMetadata:
     block_size: int
 
 
+def build_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor, q_lens: list[int],
+                   ctx_lens: list[int], num_decodes: int, block_size: int) -> AttentionMetadata:
+    """The one place the decode padding mask is derived (the runner and the stage wire use it)."""
+    decode_len = max(ctx_lens[:num_decodes], default=0)
+    decode_mask = None
+    if num_decodes and min(ctx_lens[:num_decodes]) < decode_len:  # shorter contexts are padded
+        dev = block_tables.device
+        dec_ctx = torch.tensor(ctx_lens[:num_decodes], device=dev)
+        decode_mask = (torch.arange(decode_len, device=dev)[None] < dec_ctx[:, None])[:, None, None]
+    return AttentionMetadata(slot_mapping, block_tables, list(q_lens), list(ctx_lens), num_decodes,
+                             decode_len, decode_mask, block_size)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
     """q: [B, H, Lq, D]; k, v: [B, KVH, Lk, D] (grouped-query heads are shared)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
