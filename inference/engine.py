@@ -76,7 +76,10 @@ class Engine:
     """Invariant: every sequence in `_requests` is known to the scheduler (waiting or
     running) and leaves both at once when it finishes or is aborted."""
 
-    def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None, tokenizer=None):
+    def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None, tokenizer=None,
+                 num_blocks: int | None = None, runner=None):
+        """`runner` replaces the local ModelRunner (the pipeline master passes one that sends
+        steps to its stages); then `num_blocks`, the pool every stage holds, is required."""
         self.cfg = cfg
         t0 = time.perf_counter()
         self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, attn=cfg.attn)
@@ -85,10 +88,12 @@ class Engine:
         mcfg = self.loaded.config
         dtype = DTYPES[cfg.dtype]
         block_bytes = kv_block_bytes(mcfg, len(self.loaded.layers), cfg.block_size, dtype)
-        num_blocks = max(1, int(self._kv_budget_bytes(block_bytes)) // block_bytes)
+        if num_blocks is None:
+            num_blocks = max(1, int(self._kv_budget_bytes(block_bytes)) // block_bytes)
         self.kv = KVCacheManager(num_blocks, cfg.block_size)
         self.max_model_len = min(cfg.max_model_len or mcfg.max_position, mcfg.max_position, self.kv.capacity_tokens)
-        self.runner = ModelRunner(self.loaded.model, mcfg, self.loaded.layers, num_blocks, cfg.block_size, dtype, cfg.device)
+        self.runner = runner or ModelRunner(self.loaded.model, mcfg, self.loaded.layers, num_blocks,
+                                            cfg.block_size, dtype, cfg.device)
         self.scheduler = Scheduler(self.kv, cfg.max_batch, cfg.max_batch_tokens)
         self.sampler = Sampler()
         self.eos_ids = _eos_ids(self.loaded, self.tokenizer)
