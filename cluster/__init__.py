@@ -1,4 +1,4 @@
 """Everything that crosses a machine boundary: node registry, control channel, pipeline.
 
-Today only `registry` (typed node data) and `local_node` (the master as a node) exist;
-workers fill the same registry in the cluster milestone."""
+`registry` holds typed node data (NodeInfo / NodeState) that feeds the status page and the
+planner; `local_node` describes the master itself as a node of that registry."""

@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class PipelineRunner:
-    """Invariant: `local` holds both ends and no layers; the stages behind `first` cover
-    every decoder layer once, in order, each with a KV pool of the engine's block count."""
+    """Invariant: `local` holds the embedding and the head (its decoder layers, if any, are
+    not used: a master that served alone keeps them to take its layers back later); the
+    stages behind `first` cover every decoder layer once, in order, each with a KV pool of
+    the engine's block count."""
 
     def __init__(self, local: ModelRunner, first: StageClient, compression: str = ""):
-        if len(local.layers) or not (local.layers.embed and local.layers.head):
-            raise ValueError("the pipeline master must hold the embedding and head and no layers")
+        if not (local.layers.embed and local.layers.head):
+            raise ValueError("the pipeline master must hold the embedding and the head")
         self.local = local
         self.first = first
         self.compression = compression
@@ -33,8 +35,9 @@ class PipelineRunner:
     def prepare(self, batch) -> StepInputs:
         return self.local.prepare(batch)
 
+    @torch.inference_mode()
     def forward(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        embedded = self.local.forward(inputs)
+        embedded = self.local.model.model.embed_tokens(inputs.token_ids)
         meta = inputs.meta
         req = encode_step(next(self._step_ids), embedded.cpu(), inputs.positions.cpu(), meta.slot_mapping.cpu(),
                           meta.block_tables.cpu(), meta.q_lens, meta.ctx_lens, meta.num_decodes,
@@ -44,3 +47,6 @@ class PipelineRunner:
 
     def logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
         return self.local.logits(inputs, hidden)
+
+    def close(self) -> None:
+        self.first.close()

@@ -10,6 +10,7 @@ import threading
 
 import grpc
 
+from inference.errors import StageFailure
 from proto import stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ GRPC_OPTIONS = [
 _CLOSED = object()
 
 
-class StageError(RuntimeError):
+class StageError(StageFailure):
     """A stage failed, answered with an error, or did not answer in time."""
 
 

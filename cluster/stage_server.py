@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -30,29 +31,58 @@ from .tensor_wire import WireError, decode_step, to_proto
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class Stage:
+    """The layers a worker currently serves, with the KV pool the master sized for them."""
+
+    loaded: LoadedModel
+    runner: ModelRunner
+    num_blocks: int
+    block_size: int
+    dtype: str
+    next: StageClient | None
+
+
 class StageServicer(stage_pb2_grpc.StageServicer):
     """Invariant: steps of one stream run in arrival order, one at a time per stage (the
-    model and its KV cache are not thread-safe), and every request gets one answer."""
+    model and its KV cache are not thread-safe), and every request gets one answer. A
+    worker's servicer starts empty and gets its layers with `install` when assigned."""
 
-    def __init__(self, node_id: str, loaded: LoadedModel, num_blocks: int, block_size: int,
-                 dtype: str, device: str = "cpu", next_hop: str | None = None):
+    def __init__(self, node_id: str, device: str = "cpu"):
         self.node_id = node_id
-        self.layers = loaded.layers
-        self.runner = ModelRunner(loaded.model, loaded.config, loaded.layers, num_blocks, block_size,
-                                  DTYPES[dtype], device)
-        self.num_blocks = num_blocks
-        self.max_position = loaded.config.max_position
         self.device = device
-        self.next = StageClient(next_hop) if next_hop else None
+        self.stage: Stage | None = None
         self._lock = threading.Lock()
         self.steps_done = 0
         self.in_flight = 0
 
+    def install(self, loaded: LoadedModel, num_blocks: int, block_size: int, dtype: str,
+                next_hop: str | None) -> None:
+        runner = ModelRunner(loaded.model, loaded.config, loaded.layers, num_blocks, block_size,
+                             DTYPES[dtype], self.device)
+        stage = Stage(loaded, runner, num_blocks, block_size, dtype, StageClient(next_hop) if next_hop else None)
+        with self._lock:
+            old, self.stage = self.stage, stage
+        if old is not None and old.next is not None:
+            old.next.close()
+
+    def drop(self) -> None:
+        with self._lock:
+            old, self.stage = self.stage, None
+        if old is not None and old.next is not None:
+            old.next.close()
+
     def run_step(self, req: stage_pb2.StepRequest) -> stage_pb2.StepResponse:
         if req.ping:  # per-hop overhead probe: answer at once, run nothing
             return stage_pb2.StepResponse(step_id=req.step_id)
+        stage = self.stage
+        if stage is None:
+            return stage_pb2.StepResponse(step_id=req.step_id, error="this worker holds no layers")
         try:
-            step = decode_step(req, MAX_STEP_BYTES, self.device, self.num_blocks, self.max_position)
+            step = decode_step(req, MAX_STEP_BYTES, self.device, stage.num_blocks,
+                               stage.loaded.config.max_position)
+            if step.block_size != stage.block_size:
+                raise WireError(f"block size {step.block_size}, this stage uses {stage.block_size}")
         except WireError as e:
             log.warning("rejected step %d: %s", req.step_id, e)
             return stage_pb2.StepResponse(step_id=req.step_id, error=f"malformed step: {e}")
@@ -61,18 +91,18 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         with self._lock:
             self.in_flight += 1
             try:
-                hidden = self.runner.forward(inputs, step.hidden.to(self.runner.kv_caches[0][0].dtype))
+                hidden = stage.runner.forward(inputs, step.hidden.to(DTYPES[stage.dtype]))
             finally:
                 self.in_flight -= 1
             self.steps_done += 1
         out = stage_pb2.StepResponse(step_id=req.step_id, hidden=to_proto(hidden.cpu()))
-        if self.next is None:
+        if stage.next is None:
             return out
         fwd = stage_pb2.StepRequest()
         fwd.CopyFrom(req)
         fwd.hidden.CopyFrom(out.hidden)
         try:
-            return self.next.step(fwd)
+            return stage.next.step(fwd)
         except StageError as e:
             return stage_pb2.StepResponse(step_id=req.step_id, error=f"next stage: {e}")
 
@@ -81,9 +111,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             yield self.run_step(req)
 
     def Health(self, request, context):
+        stage = self.stage
+        rng = stage.loaded.layers if stage else None
         return stage_pb2.HealthReply(
-            node_id=self.node_id, start_layer=self.layers.start, end_layer=self.layers.end, ready=True,
-            load=self.in_flight, protocol_version=stage_pb2.PROTOCOL_VERSION_CURRENT)
+            node_id=self.node_id, start_layer=rng.start if rng else 0, end_layer=rng.end if rng else 0,
+            ready=stage is not None, load=self.in_flight, protocol_version=stage_pb2.PROTOCOL_VERSION_CURRENT)
 
 
 def serve(servicer: StageServicer, host: str, port: int) -> tuple[grpc.Server, int]:
@@ -119,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         n = read_config(resolve_model(args.model)).num_layers
         rng = LayerRange(args.layers[0], args.layers[1], n, embed=False, head=False)
         loaded = load_model(args.model, args.dtype, args.device, layers=rng)
-        servicer = StageServicer(args.node_id or f"stage-{rng.start}-{rng.end}", loaded, args.num_blocks,
-                                 args.block_size, args.dtype, args.device, args.next_hop)
+        servicer = StageServicer(args.node_id or f"stage-{rng.start}-{rng.end}", args.device)
+        servicer.install(loaded, args.num_blocks, args.block_size, args.dtype, args.next_hop)
         server, port = serve(servicer, args.host, args.port)
     except (InferenceError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .config import SamplingParams
 from .engine import Engine, RequestOutput
-from .errors import InferenceError, InvalidParameter
+from .errors import InferenceError, InvalidParameter, StageFailure
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._streams: dict[int, _Pending] = {}  # model thread only
         self._error: BaseException | None = None
+        # Set while the pipeline is broken (a stage died): requests get 503 until a new
+        # runner is swapped in. `on_stage_failure` (set by the cluster manager) is called
+        # from the model thread with the failure.
+        self.unavailable: str | None = None
+        self.on_stage_failure = None
+        self._swap = None  # a runner waiting to replace the engine's at the next idle moment
         self.finished = 0
         self.generated_tokens = 0
 
@@ -74,7 +80,14 @@ class AsyncEngine:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self._thread is not None and self._error is None
+        return (self.engine is not None and self._thread is not None and self._error is None
+                and self.unavailable is None)
+
+    def swap_runner(self, runner) -> None:
+        """Replace the engine's runner (local model <-> pipeline) once no request is in
+        flight; requests that arrive meanwhile wait for it. Clears `unavailable`."""
+        self._swap = runner
+        self._wake.set()
 
     def start(self) -> None:
         if self.engine is not None and self._thread is None:
@@ -95,7 +108,7 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDead(f"the model loop stopped: {self._error}")
         if not self.ready:
-            raise EngineNotReady(f"model {self.model_name} is still loading")
+            raise EngineNotReady(self.unavailable or f"model {self.model_name} is still loading")
         self._validate(prompt_token_ids, params)
         req = _Pending(list(prompt_token_ids), params, asyncio.Queue(), asyncio.get_running_loop())
         self._post("add", req)
@@ -143,26 +156,56 @@ class AsyncEngine:
         req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
 
     def _drain_inbox(self) -> None:
-        while self._inbox:
+        for _ in range(len(self._inbox)):
             kind, req = self._inbox.popleft()
+            if kind == "add" and self._swap is not None:
+                self._inbox.append((kind, req))  # admitted after the swap
+                continue
             if kind == "add":
                 try:
                     req.seq_id = self.engine.add_request(req.prompt, req.params)
                     self._streams[req.seq_id] = req
                 except InferenceError as e:
                     self._deliver(req, e)
+                except Exception as e:  # one bad request must not stop the loop for everyone
+                    log.exception("request rejected by the engine")
+                    self._deliver(req, InvalidParameter("request", f"the engine rejected it: {e}"))
             elif req.seq_id is not None and self._streams.pop(req.seq_id, None) is not None:
                 self.engine.abort(req.seq_id)
+
+    def _fail_in_flight(self, e: StageFailure) -> None:
+        """A stage died mid-step: end every request with an error now, free its blocks."""
+        log.error("pipeline step failed: %s; failing %d requests", e, len(self._streams))
+        self.unavailable = f"a pipeline stage failed ({e}); waiting for the cluster to recover"
+        for seq_id, req in list(self._streams.items()):
+            self.engine.abort(seq_id)
+            self._deliver(req, StageFailure(str(e)))
+        self._streams.clear()
+        for seq in list(self.engine.scheduler.waiting):  # queued ones never reached a stage
+            self.engine.abort(seq.seq_id)
+        if self.on_stage_failure is not None:
+            self.on_stage_failure(e)
 
     def _run(self) -> None:
         try:
             while not self._stop:
                 self._drain_inbox()
+                if self._swap is not None and not self.engine.has_work:
+                    # The pool is empty when idle, so no stale KV survives the swap.
+                    self.engine.runner, self._swap = self._swap, None
+                    self.unavailable = None
+                    log.info("engine runner swapped: %s", type(self.engine.runner).__name__)
+                    continue
                 if not self.engine.has_work:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except StageFailure as e:
+                    self._fail_in_flight(e)
+                    continue
+                for out in outputs:
                     req = self._streams.get(out.seq_id)
                     self.generated_tokens += len(out.token_ids)
                     if out.finished:

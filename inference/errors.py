@@ -36,3 +36,8 @@ class CacheFull(InferenceError):
         self.needed = needed
         self.free = free
         self.total = total
+
+
+class StageFailure(InferenceError):
+    """A pipeline stage failed mid-step (dead, hung or erroring worker): the requests in
+    that step cannot continue, but the server can once the stage is replaced."""

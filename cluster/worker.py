@@ -1,0 +1,164 @@
+"""`python -m cluster.worker --master http://HOST:PORT`: a pipeline stage on this machine.
+
+It starts its gRPC stage server, joins the master over the WebSocket control channel
+(retrying forever with capped backoff), loads the layer range the master assigns (only
+those layers' weights are read), serves steps, and re-registers with what it holds when
+the master restarts, so the master can adopt it without a reload."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+
+import psutil
+import torch
+
+from inference.config import LayerRange
+from inference.errors import InferenceError
+from inference.loader import load_model
+
+from .control import ControlClient
+from .control_messages import Assign, Failed, Ready
+from .stage_server import StageServicer, serve
+
+log = logging.getLogger("worker")
+
+
+def parse_layers(value: str) -> int | tuple[int, int]:
+    """`--layers 8` (a count) or `--layers 0-15` (a range [0, 15))."""
+    try:
+        if "-" in value:
+            a, b = value.split("-", 1)
+            return int(a), int(b)
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not N or START-END") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cluster.worker", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--master", nargs="+", required=True, metavar="URL",
+                   help="master URL(s), e.g. http://10.0.0.2:7860; tried in turn, hostnames re-resolved on every retry")
+    p.add_argument("--join-token", default=os.environ.get("RINGLLM_JOIN_TOKEN"),
+                   help="shared secret the master requires (env RINGLLM_JOIN_TOKEN); proven by HMAC, never sent")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise for gRPC")
+    p.add_argument("--grpc-port", type=int, default=0, help="gRPC port (0 = any free port)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--node-id", default=None, help="unique id (default: hostname-pid-random)")
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="override the planner: a layer count N or a range START-END")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def measure_capacity(device: str) -> dict:
+    """Memory and a quick matmul speed, reported when joining (used by the planner)."""
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+    else:
+        vm = psutil.virtual_memory()
+        free, total = vm.available, vm.total
+    a = torch.randn(512, 512, device=device)
+    a @ a  # warm-up
+    t = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    gflops = 8 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
+    return dict(device=device, total_bytes=int(total), free_bytes=int(free), matmul_gflops=round(gflops, 1))
+
+
+class Worker:
+    """Invariant: `holding` describes exactly what `servicer.stage` serves (or is None)."""
+
+    def __init__(self, args: argparse.Namespace, servicer: StageServicer, address: str):
+        self.args = args
+        self.servicer = servicer
+        self.address = address
+        self.holding: dict | None = None
+        self.loads = 0
+        self.capacity = measure_capacity(args.device)
+        if args.layers is not None:
+            self.capacity["layers"] = list(args.layers) if isinstance(args.layers, tuple) else args.layers
+
+    def register_payload(self) -> dict:
+        return dict(grpc_address=self.address, capacity=self.capacity, holding=self.holding)
+
+    def status_payload(self) -> dict:
+        rss = psutil.Process().memory_info().rss
+        return dict(state="ready" if self.holding else "idle", in_flight=self.servicer.in_flight,
+                    steps_done=self.servicer.steps_done, mem_used_bytes=rss,
+                    mem_free_bytes=psutil.virtual_memory().available)
+
+    async def on_assign(self, a: Assign) -> Ready | Failed:
+        want = dict(model=a.model, start=a.start, end=a.end, num_layers=a.num_layers, num_blocks=a.num_blocks,
+                    block_size=a.block_size, dtype=a.dtype)
+        weights = ("model", "start", "end", "num_layers", "dtype")
+        t = time.perf_counter()
+        try:
+            stage = self.servicer.stage
+            if stage is not None and self.holding and all(self.holding[k] == want[k] for k in weights):
+                # Same weights as before (e.g. the master restarted): keep them; only the KV
+                # pool and the next hop are rebuilt.
+                self.servicer.install(stage.loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop)
+            else:
+                self.servicer.drop()
+                rng = LayerRange(a.start, a.end, a.num_layers, embed=False, head=False)
+                loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng)
+                self.servicer.install(loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop)
+                self.loads += 1
+        except (InferenceError, OSError, RuntimeError, ValueError) as e:
+            log.error("cannot load layers [%d, %d) of %s: %s", a.start, a.end, a.model, e)
+            self.holding = None
+            return Failed(plan_id=a.plan_id, reason=str(e))
+        self.holding = dict(want, loads=self.loads)
+        log.info("serving layers [%d, %d) of %s (loads: %d, next hop: %s)", a.start, a.end, a.model,
+                 self.loads, a.next_hop or "master")
+        s = self.status_payload()
+        return Ready(plan_id=a.plan_id, load_seconds=time.perf_counter() - t, mem_used_bytes=s["mem_used_bytes"],
+                     mem_free_bytes=s["mem_free_bytes"], loads=self.loads)
+
+    async def on_drain(self, reason: str) -> None:
+        log.info("drained: %s", reason)
+        self.servicer.drop()
+        self.holding = None
+
+
+async def run(args: argparse.Namespace) -> int:
+    node_id = args.node_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+    servicer = StageServicer(node_id, args.device)
+    try:
+        server, port = serve(servicer, args.host, args.grpc_port)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    address = f"{args.host}:{port}"
+    worker = Worker(args, servicer, address)
+    log.info("worker %s: gRPC on %s, joining %s", node_id, address, ", ".join(args.master))
+    client = ControlClient(args.master, node_id, args.join_token, worker.register_payload,
+                           worker.on_assign, worker.on_drain, worker.status_payload)
+    try:
+        await client.run()
+    finally:
+        server.stop(grace=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""The OpenAI-compatible API against a live server: `python app.py` in a subprocess on a free
+loopback port, driven by the official `openai` client (and httpx for raw bodies).
+
+Two servers per module, started together: one open, one with --api-key."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2"
+API_KEY = "test-key-0123456789"
+# First start converts the GGUF (~40 s, cached afterwards); a loaded machine is slower.
+READY_TIMEOUT_S = 240
+MESSAGES = [{"role": "user", "content": "Name three colors."}]
+# Greedy counting goes on and on (no end-of-turn token), so these requests are still
+# running when the client goes away.
+LONG = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 2000, "temperature": 0}
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(log_dir: Path, name: str, *extra: str) -> Server:
+    port = _free_port()
+    log = log_dir / f"{name}.log"
+    cmd = [sys.executable, "app.py", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port),
+           "--kv-cache-gb", "0.25", *extra]
+    # OpenMP's default spin-waiting collapses when the 2 cores are shared with other
+    # processes (pytest, the second server): decode steps measured 3-6x slower. Passive
+    # waiting costs ~10% on an idle machine.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def _wait_ready(server: Server) -> Server:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with httpx.Client(timeout=2) as http:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                pytest.fail(f"server exited with {server.proc.returncode}:\n{server.log_tail()}")
+            try:
+                if http.get(f"{server.url}/healthz").status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.1)
+    pytest.fail(f"server not ready after {READY_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+def _stop(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    # Both start at once, so their model loads overlap.
+    log_dir = tmp_path_factory.mktemp("servers")
+    started = [_launch(log_dir, "open"), _launch(log_dir, "keyed", "--api-key", API_KEY)]
+    try:
+        yield started
+    finally:
+        for s in started:
+            _stop(s)
+
+
+@pytest.fixture(scope="module")
+def server(servers) -> Server:
+    return _wait_ready(servers[0])
+
+
+@pytest.fixture(scope="module")
+def keyed_server(servers) -> Server:
+    return _wait_ready(servers[1])
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from inference.model_source import resolve_model
+
+    return AutoTokenizer.from_pretrained(str(resolve_model(MODEL)))
+
+
+def _status(server: Server) -> dict:
+    return httpx.get(f"{server.url}/api/status", timeout=10).json()
+
+
+def _chat(client, **kw) -> openai.types.chat.ChatCompletion:
+    kw.setdefault("messages", MESSAGES)
+    return client.chat.completions.create(model=MODEL, **kw)
+
+
+# -- models, health, status -------------------------------------------------------------------
+def test_models_list_and_retrieve(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].object == "model" and models.data[0].owned_by == "ringllm"
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    st = _status(server)
+    assert st["model"] == MODEL and st["ready"] is True
+    for key in ("waiting", "running", "kv_blocks_used", "kv_blocks_free", "kv_blocks_total",
+                "aborted", "finished", "max_model_len"):
+        assert isinstance(st[key], int), key
+
+
+# -- chat ---------------------------------------------------------------------------------------
+def test_chat_usage_matches_tokenizer(client, tokenizer):
+    from inference.detokenizer import apply_chat_template
+
+    r = _chat(client, temperature=0, max_tokens=4, logprobs=True)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(apply_chat_template(tokenizer, MESSAGES))
+    assert r.usage.completion_tokens == 4 == len(choice.logprobs.content)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 4
+    # The generated tokens, re-spelled from their bytes, are the text.
+    raw = b"".join(bytes(t.bytes) for t in choice.logprobs.content)
+    assert raw.decode() == choice.message.content
+
+
+def test_chat_stream_equals_whole(client):
+    whole = _chat(client, temperature=0, max_tokens=5)
+    chunks = list(_chat(client, temperature=0, max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_stream_raw_sse(server):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length" and last["choices"][0]["delta"] == {}
+
+
+def test_content_parts_and_roles(client, tokenizer):
+    from inference.detokenizer import apply_chat_template
+
+    parts = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+             {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Bye"}]
+    r = _chat(client, messages=parts, temperature=0, max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # Text parts are joined with newlines before templating.
+    flat = [{**m, "content": "Hi\nthere"} if isinstance(m["content"], list) else m for m in parts]
+    assert r.usage.prompt_tokens == len(apply_chat_template(tokenizer, flat))
+
+
+def test_max_tokens_gives_length(client):
+    r = _chat(client, temperature=0, max_completion_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_stop_string(client):
+    def complete(**kw):
+        return client.completions.create(model=MODEL, prompt=LONG["prompt"], max_tokens=12, temperature=0, **kw)
+
+    full = complete().choices[0].text
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = words[2]
+    r = complete(stop=[stop, "unlikely-stop-xyz"])
+    text = r.choices[0].text
+    assert r.choices[0].finish_reason == "stop"
+    assert stop not in text and text == full[:full.index(stop)]
+
+
+def test_seed_reproducible(client):
+    def sample(seed):
+        return _chat(client, temperature=1.0, max_tokens=6, seed=seed).choices[0].message.content
+
+    a, b, c = sample(1234), sample(1234), sample(4321)
+    assert a == b
+    assert a != c
+
+
+def test_n_choices_use_consecutive_seeds(client):
+    r = _chat(client, temperature=1.0, max_tokens=4, n=2, seed=77)
+    assert [c.index for c in r.choices] == [0, 1]
+    single = _chat(client, temperature=1.0, max_tokens=4, seed=78)
+    assert r.choices[1].message.content == single.choices[0].message.content
+    assert 2 <= r.usage.completion_tokens <= 8
+
+
+def test_logprobs_shape(client):
+    r = _chat(client, temperature=0, max_tokens=3, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3
+    for t in content:
+        assert isinstance(t.token, str) and t.logprob <= 0 and isinstance(t.bytes, list)
+        assert len(t.top_logprobs) == 3
+        lps = [a.logprob for a in t.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        # Greedy: the chosen token is the most likely one.
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+    c = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
+    assert all(len(d) == 2 for d in lp.top_logprobs)
+    assert "".join(lp.tokens) == c.choices[0].text
+
+
+# -- completions ----------------------------------------------------------------------------------
+def test_completions_string_and_list(client, tokenizer):
+    prompts = ["The capital of France is", "Once upon a time"]
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0) for p in prompts]
+    for p, s in zip(prompts, singles):
+        assert s.object == "text_completion"
+        assert s.usage.prompt_tokens == len(tokenizer.encode(p))
+        assert s.usage.completion_tokens == 4 and s.choices[0].finish_reason == "length"
+    both = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == [s.choices[0].text for s in singles]
+    assert both.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert both.usage.completion_tokens == 8
+    stream = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=4, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == singles[0].choices[0].text
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+# -- concurrency and disconnects ------------------------------------------------------------------
+def test_concurrent_streams_match_solo_runs(server):
+    prompts = [f"{i} plus {i} is" for i in range(16)]
+    aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def stream_one(p: str) -> str:
+        s = await aclient.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in s if c.choices])
+
+    async def run_all() -> list[str]:
+        try:
+            return await asyncio.gather(*(stream_one(p) for p in prompts))
+        finally:
+            await aclient.close()
+
+    together = asyncio.run(run_all())
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0).choices[0].text
+             for p in prompts]
+    assert together == alone
+    assert all(together)
+
+
+def _wait_idle(server: Server, timeout: float = 15) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = _status(server)
+        if st["running"] == 0 and st["waiting"] == 0 and st["kv_blocks_used"] == 0:
+            return st
+        if time.monotonic() > deadline:
+            pytest.fail(f"blocks not freed: {st}")
+        time.sleep(0.05)
+
+
+def test_stream_disconnect_frees_blocks(server):
+    before = _wait_idle(server)
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{server.url}/v1/completions", json={**LONG, "stream": True}) as r:
+            assert r.status_code == 200
+            # Hold the iterator: dropping it would close the response (an early disconnect).
+            lines = r.iter_lines()
+            events = [line for line in (next(lines) for _ in range(6)) if line]
+            assert len(events) == 3 and all(e.startswith("data: {") for e in events)
+            st = _status(server)
+            assert st["running"] == 1 and st["kv_blocks_used"] > 0
+        # Leaving the block closes the connection mid-stream.
+    after = _wait_idle(server)
+    assert after["aborted"] == before["aborted"] + 1
+
+
+def test_nonstream_disconnect_aborts(server):
+    before = _wait_idle(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=LONG, timeout=httpx.Timeout(60, read=1.0))
+    after = _wait_idle(server)
+    assert after["aborted"] == before["aborted"] + 1
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def _msgs(**kw) -> dict:
+    return {"model": MODEL, "messages": MESSAGES, **kw}
+
+
+ERROR_CASES = [
+    # (id, path, raw body or JSON, status, param, code)
+    ("malformed-json", "chat/completions", b'{"messages": [', 400, None, "invalid_json"),
+    ("not-an-object", "chat/completions", b"[1, 2]", 400, None, "invalid_json"),
+    ("wrong-type", "chat/completions", _msgs(temperature="hot"), 400, "temperature", None),
+    ("wrong-type-int", "chat/completions", _msgs(max_tokens=2.5), 400, "max_tokens", None),
+    ("missing-messages", "chat/completions", {"model": MODEL}, 400, "messages", None),
+    ("empty-messages", "chat/completions", {"model": MODEL, "messages": []}, 400, "messages", None),
+    ("unknown-role", "chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages[0].role", None),
+    ("image-part", "chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content", None),
+    ("unknown-model", "chat/completions", _msgs(model="gpt-4"), 404, "model", "model_not_found"),
+    ("too-long", "chat/completions", _msgs(max_tokens=10**6), 400, "max_tokens", None),
+    ("negative-temperature", "chat/completions", _msgs(temperature=-1), 400, "temperature", None),
+    ("five-stops", "chat/completions", _msgs(stop=list("abcde")), 400, "stop", None),
+    ("tools", "chat/completions", _msgs(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "tools", "unsupported_parameter"),
+    ("functions", "chat/completions", _msgs(functions=[{"name": "f"}]), 400, "functions", "unsupported_parameter"),
+    ("response-format", "chat/completions", _msgs(response_format={"type": "json_object"}), 400,
+     "response_format", "unsupported_parameter"),
+    ("logit-bias", "chat/completions", _msgs(logit_bias={"1": 5}), 400, "logit_bias", "unsupported_parameter"),
+    ("unknown-field", "chat/completions", _msgs(frobnicate=1), 400, "frobnicate", "unsupported_parameter"),
+    ("top-logprobs-alone", "chat/completions", _msgs(top_logprobs=2), 400, "top_logprobs", None),
+    ("echo", "completions", {"prompt": "x", "echo": True}, 400, "echo", "unsupported_parameter"),
+    ("best-of", "completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+    ("suffix", "completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "unsupported_parameter"),
+    ("prompt-type", "completions", {"prompt": 5}, 400, "prompt", None),
+    ("prompt-too-long", "completions", {"prompt": "hello " * 7000, "max_tokens": 1}, 400, "prompt", None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code", [c[1:] for c in ERROR_CASES],
+                         ids=[c[0] for c in ERROR_CASES])
+def test_error_shapes(server, path, body, status, param, code):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}/v1/{path}", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+
+
+def test_oversized_body(server):
+    big = json.dumps(_msgs(messages=[{"role": "user", "content": "a" * (1 << 20)}])).encode()
+    url = f"{server.url}/v1/chat/completions"
+    r = httpx.post(url, content=big, timeout=30)  # Content-Length: refused before reading
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():
+        for i in range(0, len(big), 64 << 10):
+            yield big[i:i + (64 << 10)]
+
+    r = httpx.post(url, content=chunks(), timeout=30)  # chunked: refused while reading
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_openai_client_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10**6)
+    assert e.value.body["param"] == "max_tokens"
+
+
+# -- API key -------------------------------------------------------------------------------------
+def test_api_key(keyed_server):
+    url = f"{keyed_server.url}/v1"
+    for key in (None, "wrong-key"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.get(f"{url}/models", headers=headers, timeout=10)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong-key", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
+    assert [m.id for m in good.models.list().data] == [MODEL]
+    r = good.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens <= 2
+    assert httpx.get(f"{keyed_server.url}/healthz", timeout=10).status_code == 200
+
+
+def test_no_api_key_needed_when_off(server):
+    r = httpx.get(f"{server.url}/v1/models", timeout=10)
+    assert r.status_code == 200 and r.json()["object"] == "list"

@@ -1,0 +1,166 @@
+"""The cluster as users run it: a real master (`python app.py --workers 2`) and real
+workers (`python -m cluster.worker`) on loopback, over WebSocket control and gRPC."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inference.config import EngineConfig, SamplingParams
+from inference.engine import Engine
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-join-token"
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hi.", "What is the capital of Italy?",
+             "Name a dog breed.", "Count to five.", "What is water made of?", "Give me a fruit."]
+ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A subprocess whose output goes to a log file we can read back on failure."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        self.p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV, stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+def wait_for(pred, timeout: float, what: str, procs: list[Proc] = ()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := pred():
+            return value
+        time.sleep(0.1)
+    logs = "\n".join(f"--- {p.log.name}\n{p.text()[-3000:]}" for p in procs)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def status(base: str) -> dict | None:
+    try:
+        return httpx.get(f"{base}/api/status", timeout=2).json()
+    except httpx.HTTPError:
+        return None
+
+
+def healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def chat(base: str, question: str, max_tokens: int = 24) -> str:
+    r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json=dict(
+        messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens))
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def expected() -> list[str]:
+    """What the single-process engine answers (the reference the cluster must equal)."""
+    e = Engine(EngineConfig(kv_cache_gb=0.1, max_batch=8))
+    prompts = [e.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    return [text for _, text, _ in e.generate(prompts, SamplingParams(temperature=0, max_tokens=24))]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    master_args = ["app.py", "--no-ui", "--port", str(port), "--workers", "2", "--join-token", TOKEN,
+                   "--kv-cache-gb", "0.1", "--max-batch", "8"]
+    procs = {"master": Proc(master_args, logs / "master.log")}
+    for name in ("w1", "w2"):
+        procs[name] = Proc(["-m", "cluster.worker", "--master", base, "--join-token", TOKEN, "--node-id", name],
+                           logs / f"{name}.log")
+    wait_for(lambda: healthy(base), 180, "the cluster to serve", list(procs.values()))
+    state = dict(base=base, procs=procs, logs=logs, master_args=master_args)
+    yield state
+    for p in state["procs"].values():
+        p.stop()
+
+
+def test_two_workers_equal_single_process_for_8_concurrent_requests(cluster, expected):
+    s = status(cluster["base"])
+    assert s["cluster"]["mode"] == "pipeline"
+    assert [(a["node_id"], a["start"], a["end"]) for a in s["cluster"]["plan"]["assignments"]] in (
+        [("w1", 0, 15), ("w2", 15, 30)], [("w2", 0, 15), ("w1", 15, 30)])
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda q: chat(cluster["base"], q), QUESTIONS))
+    assert got == expected
+
+
+def test_wrong_join_token_is_refused(cluster, tmp_path):
+    intruder = Proc(["-m", "cluster.worker", "--master", cluster["base"], "--join-token", "wrong",
+                     "--node-id", "intruder"], tmp_path / "intruder.log")
+    try:
+        wait_for(lambda: "bad join token" in intruder.text(), 60, "the refusal", [intruder])
+    finally:
+        intruder.stop()
+    assert "intruder" not in [n["node_id"] for n in status(cluster["base"])["nodes"]]
+    assert "wrong token" in cluster["procs"]["master"].text()
+
+
+def test_master_restart_adopts_workers_without_reload(cluster, expected):
+    base, procs = cluster["base"], cluster["procs"]
+    procs["master"].stop()
+    procs["master"] = Proc(cluster["master_args"], cluster["logs"] / "master2.log")
+    wait_for(lambda: healthy(base), 120, "the restarted master to serve", list(procs.values()))
+    loads = status(base)["cluster"]["loads"]
+    assert loads == {"w1": 1, "w2": 1}  # each worker loaded its layers once, before the restart
+    assert chat(base, QUESTIONS[0]) == expected[0]
+
+
+def test_killed_worker_ends_the_request_and_a_new_one_restores_service(cluster, expected):
+    base, procs = cluster["base"], cluster["procs"]
+    body = dict(messages=[{"role": "user", "content": "Write a long story about a castle."}],
+                temperature=0, max_tokens=400, stream=True)
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for line in lines:  # a few tokens in, kill the second stage
+            if line.startswith("data:") and '"content"' in line:
+                break
+        procs["w2"].p.kill()
+        t0 = time.monotonic()
+        rest = [line for line in lines]
+    elapsed = time.monotonic() - t0
+    assert elapsed < 10
+    events = [json.loads(x[5:]) for x in rest if x.startswith("data:") and x.strip() != "data: [DONE]"]
+    assert any("error" in e for e in events) or any(
+        c.get("finish_reason") == "error" for e in events for c in e.get("choices", []))
+    assert healthy(base) is False and status(base) is not None  # the master is up, waiting
+    wait_for(lambda: any(n["node_id"] == "w2" and n["state"] == "lost" for n in status(base)["nodes"]),
+             10, "w2 to show as lost", list(procs.values()))
+    procs["w3"] = Proc(["-m", "cluster.worker", "--master", base, "--join-token", TOKEN, "--node-id", "w3"],
+                       cluster["logs"] / "w3.log")
+    wait_for(lambda: healthy(base), 120, "service with the replacement worker", list(procs.values()))
+    assert chat(base, QUESTIONS[1]) == expected[1]

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible routes (/v1/*) and the health and status routes.
+
+Each generation route: parse and validate the body (400 naming the field), template or
+tokenize the prompt off the event loop, check the context length, then run one engine
+request per choice through `Fanout`, whole or streamed as server-sent events."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from inference.async_engine import AsyncEngine
+from inference.config import SamplingParams
+from inference.engine import RequestOutput
+
+from .errors import APIError, error_body, to_api_error
+from .formatting import DONE, ChatFormatter, ChoiceResult, CompletionFormatter, Formatter, Meta, sse
+from .generation import ClosingStreamingResponse, Fanout, Job, unless_disconnected
+from .logprobs import TokenTexts
+from .schemas import (MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
+                      SamplingRequest, parse_request)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _engine(request: Request) -> AsyncEngine:
+    return request.app.state.engine
+
+
+def _require_ready(engine: AsyncEngine) -> None:
+    # The server answers while the model loads (and while a broken pipeline recovers).
+    if engine.engine is None or not engine.stats().ready:
+        raise APIError(503, f"The model '{engine.model_name}' is not ready; retry shortly.",
+                       code="model_not_ready")
+
+
+def _token_texts(request: Request, engine: AsyncEngine) -> TokenTexts:
+    # Built on first use: the tokenizer arrives with the model, after the app is built.
+    texts = getattr(request.app.state, "token_texts", None)
+    if texts is None or texts.tokenizer is not engine.engine.tokenizer:
+        texts = request.app.state.token_texts = TokenTexts(engine.engine.tokenizer)
+    return texts
+
+
+# -- health, status, models ---------------------------------------------------------------------
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    ready = _engine(request).stats().ready
+    return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
+
+
+@router.get("/api/status")
+async def status(request: Request) -> JSONResponse:
+    body = dataclasses.asdict(_engine(request).stats())
+    if request.app.state.status_extra is not None:
+        body.update(request.app.state.status_extra())
+    return JSONResponse(body)
+
+
+def _model_card(request: Request) -> ModelCard:
+    return ModelCard(id=_engine(request).model_name, created=request.app.state.created)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    return _json(ModelList(data=[_model_card(request)]))
+
+
+@router.get("/v1/models/{model_id:path}")  # :path because HF ids contain a slash
+async def retrieve_model(request: Request, model_id: str) -> Response:
+    _check_model(_engine(request), model_id)
+    return _json(_model_card(request))
+
+
+# -- generation -----------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    req = parse_request(await request.body(), ChatCompletionRequest)
+    engine = _engine(request)
+    _check_common(engine, req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true.", "top_logprobs", "invalid_value")
+    if req.max_tokens is not None and req.max_completion_tokens not in (None, req.max_tokens):
+        raise APIError(400, "Pass max_completion_tokens or max_tokens, not two different values.",
+                       "max_tokens", "invalid_value")
+    messages = [{"role": m.role, "content": m.content} for m in req.messages]
+    ids = await asyncio.to_thread(engine.engine.encode_chat, messages)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    jobs = _jobs(engine, req, [ids], max_tokens, logprobs, "messages")
+    meta = _meta(request, req, "chatcmpl", len(jobs), len(ids), logprobs is not None)
+    return await _run(request, engine, jobs, ChatFormatter(meta, _token_texts(request, engine)), bool(req.stream))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    req = parse_request(await request.body(), CompletionRequest)
+    engine = _engine(request)
+    _check_common(engine, req)
+    if len(req.prompt) * req.n > MAX_CHOICES:
+        raise APIError(400, f"prompts x n must be at most {MAX_CHOICES}.", "n", "invalid_value")
+    for i, p in enumerate(req.prompt):
+        if not p:
+            raise APIError(400, "A prompt must not be empty.", "prompt" if len(req.prompt) == 1 else f"prompt[{i}]",
+                           "invalid_value")
+    prompts = await asyncio.to_thread(lambda: [engine.engine.encode(p) for p in req.prompt])
+    jobs = _jobs(engine, req, prompts, req.max_tokens, req.logprobs, "prompt")
+    meta = _meta(request, req, "cmpl", len(jobs), sum(map(len, prompts)), req.logprobs is not None)
+    return await _run(request, engine, jobs, CompletionFormatter(meta, _token_texts(request, engine)), bool(req.stream))
+
+
+def _check_model(engine: AsyncEngine, name: str | None) -> None:
+    if name is not None and name != engine.model_name:
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{engine.model_name}'.",
+                       "model", "model_not_found")
+
+
+def _check_common(engine: AsyncEngine, req: SamplingRequest) -> None:
+    _check_model(engine, req.model)
+    _require_ready(engine)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options",
+                       "invalid_value")
+
+
+def _jobs(engine: AsyncEngine, req: SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
+          logprobs: int | None, prompt_param: str) -> list[Job]:
+    """One job per (prompt, choice); choice j of a seeded request uses seed + j."""
+    def pick(value, default):
+        return default if value is None else value
+
+    base = SamplingParams(
+        temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0), top_k=pick(req.top_k, 0),
+        min_p=pick(req.min_p, 0.0), repetition_penalty=pick(req.repetition_penalty, 1.0),
+        presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
+        seed=req.seed, stop=list(req.stop or []), logprobs=logprobs, max_tokens=max_tokens or 1)
+    jobs = []
+    for p, ids in enumerate(prompts):
+        # Like vLLM, no max_tokens means "the rest of the context".
+        budget = max_tokens or max(1, engine.engine.max_model_len - len(ids))
+        engine.engine.check_length(len(ids), budget, prompt_param)
+        for j in range(req.n):
+            seed = None if req.seed is None else req.seed + j
+            jobs.append(Job(p * req.n + j, ids, dataclasses.replace(base, max_tokens=budget, seed=seed)))
+    return jobs
+
+
+def _meta(request: Request, req: SamplingRequest, prefix: str, num_choices: int, prompt_tokens: int,
+          logprobs: bool) -> Meta:
+    rid = f"{prefix}-{uuid.uuid4().hex}"
+    if req.user:
+        log.info("%s for user %r", rid, req.user)
+    return Meta(id=rid, created=int(time.time()), model=_engine(request).model_name, num_choices=num_choices,
+                prompt_tokens=prompt_tokens, logprobs=logprobs, include_usage=req.include_usage)
+
+
+async def _run(request: Request, engine: AsyncEngine, jobs: list[Job], fmt: Formatter, stream: bool) -> Response:
+    if not stream:
+        results = await unless_disconnected(request, _collect(engine, jobs))
+        return _json(fmt.response(results))
+    fan = Fanout(engine, jobs)
+    try:
+        # Wait for the first output before sending headers, so that an error the engine
+        # raises when it admits the request is still a proper HTTP error.
+        first = await unless_disconnected(request, fan.next())
+    except BaseException:
+        await fan.aclose()
+        raise
+    return ClosingStreamingResponse(_events(fan, first, fmt), media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(engine: AsyncEngine, jobs: list[Job]) -> list[ChoiceResult]:
+    results = [ChoiceResult() for _ in jobs]
+    fan = Fanout(engine, jobs)
+    try:
+        async for index, out in fan:
+            results[index].add(out)
+    finally:
+        await fan.aclose()
+    return results
+
+
+async def _events(fan: Fanout, first: tuple[int, RequestOutput] | None, fmt: Formatter) -> AsyncIterator[bytes]:
+    try:
+        for line in fmt.start():
+            yield line
+        item = first
+        while item is not None:
+            for line in fmt.output(*item):
+                yield line
+            item = await fan.next()
+        for line in fmt.end():
+            yield line
+        yield DONE
+    except Exception as e:  # headers are gone: report in-band, as OpenAI and vLLM do
+        err = to_api_error(e)
+        log.warning("stream %s failed: %s", fmt.meta.id, e)
+        yield sse(error_body(err))
+        yield DONE
+    finally:
+        await fan.aclose()
+
+
+def _json(model) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")

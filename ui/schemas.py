@@ -1,0 +1,260 @@
+"""Request bodies of the OpenAI-compatible routes, and how a raw body becomes one.
+
+Requests are strict and closed: wrong JSON types are refused rather than coerced, unknown
+fields are refused by name (`extra="forbid"`), and the OpenAI parameters this server does not
+implement are refused with their own message unless they carry their no-op value (clients
+such as Open WebUI send `"tools": []` or `"echo": false` on every call)."""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic_core import PydanticCustomError
+
+from .errors import APIError, from_validation
+
+MAX_STOP = 4
+# The stop checker scans held-back text against every stop string on each token (quadratic in
+# a stop string's length): a bound keeps one request from stalling the shared model loop.
+MAX_STOP_CHARS = 1024
+MAX_CHOICES = 128  # OpenAI's limit on n; also caps prompts x n on /v1/completions
+MAX_TOP_LOGPROBS = 20
+_INT64 = 2**63
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Closed):
+    include_usage: bool = False
+
+
+class ChatMessage(_Closed):
+    role: Literal["system", "user", "assistant"]
+    # A list of {"type": "text", "text": ...} parts is flattened to one string here: the
+    # chat templates we serve concatenate `content` as text.
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _flatten_parts(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        texts = []
+        for i, part in enumerate(v):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = str(part.get("type")) if isinstance(part, dict) else type(part).__name__
+                raise PydanticCustomError(
+                    "unsupported_content",
+                    "content part {index} has type '{kind}'; only 'text' parts are supported",
+                    {"index": i, "kind": kind})
+            if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+                raise PydanticCustomError(
+                    "invalid_content", "content part {index} must hold exactly 'type': 'text' and a string 'text'",
+                    {"index": i})
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class SamplingRequest(_Closed):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    # Declared only to be refused: name -> values that mean "not used" and so are accepted.
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {"logit_bias": ({},)}
+
+    model: str | None = None  # None: the one model this server serves
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None = Field(None, max_length=MAX_STOP)
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted for OpenAI compatibility; only logged
+    # Extensions (vLLM names).
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (),
+        "functions": ([],), "function_call": ("none",), "response_format": ({"type": "text"},),
+    }
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionRequest(SamplingRequest):
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "logit_bias": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    }
+
+    prompt: list[str] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+Req = TypeVar("Req", bound=SamplingRequest)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_noop(value: Any, noops: tuple[Any, ...]) -> bool:
+    # Compare types too: 0 == False in Python, but `"echo": 0` is not the no-op `false`.
+    return value is None or any(type(value) is type(n) and value == n for n in noops)
+
+
+def parse_request(raw: bytes, model: type[Req]) -> Req:
+    """Raw body -> validated request, or an APIError (400) that names the offending field."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request: {e}",
+                       code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    for name, noops in model.UNSUPPORTED.items():
+        if name in body:
+            if not _is_noop(body[name], noops):
+                raise APIError(400, f"Unsupported parameter: '{name}' is not supported by this server.",
+                               name, "unsupported_parameter")
+            del body[name]
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation(e.errors()) from None
+
+
+# -- responses ---------------------------------------------------------------------------------
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        # OpenAI sends only the keys a delta carries: {"role": ...} first, {"content": ...}
+        # after, {} with the finish reason.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(_Out):
+    """Both the whole response and each streamed chunk (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ringllm"
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

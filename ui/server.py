@@ -1,0 +1,146 @@
+"""The FastAPI app of the master: OpenAI routes, health and status, and the ASGI layers
+around them (access log, API key, body size limit).
+
+`/` is left free: the Gradio UI is mounted there by the caller."""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inference.async_engine import AsyncEngine
+
+from .errors import APIError, error_response, install_handlers
+from .openai_api import router
+
+log = logging.getLogger(__name__)
+
+
+def _is_api(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+class AccessLog:
+    """One log line per request: method, path, status, milliseconds (until the last byte)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500  # what the server answers if the app raises before responding
+
+        async def send_logged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, (time.perf_counter() - t0) * 1e3)
+
+
+class ApiKeyAuth:
+    """With a key set, every /v1/* call needs `Authorization: Bearer <key>`."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _is_api(scope["path"]) and not self._authorized(scope):
+            err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+            await error_response(err, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        # compare_digest: the time taken must not tell how much of the key was right.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+
+
+class BodyLimit:
+    """Refuses /v1/* bodies over `limit` bytes: at once from Content-Length, and while
+    reading a chunked body (the route's read raises BodyTooLarge, answered as a 413)."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_api(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await error_response(APIError(400, "Invalid Content-Length header."))(scope, receive, send)
+                return
+            if size > self.limit:
+                await error_response(BodyTooLarge(self.limit))(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def build_app(engine: AsyncEngine, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+              on_startup: Callable[[], Awaitable[None]] | None = None,
+              status_extra: Callable[[], dict] | None = None) -> FastAPI:
+    """The master's app over an AsyncEngine, whose model may still be loading (generation
+    routes answer 503 until it is attached). The lifespan starts the engine's model thread
+    (a no-op without a model yet), runs `on_startup` on the server's event loop (the
+    cluster manager starts there), and shuts the engine down with the server.
+    `status_extra()` adds keys (nodes, plan) to GET /api/status."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        if on_startup is not None:
+            await on_startup()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="ringllm", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.status_extra = status_extra
+    app.state.created = int(time.time())
+    install_handlers(app)
+    app.include_router(router)
+    # add_middleware wraps: the last added runs first. Order: log -> auth -> body limit.
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyAuth, api_key=api_key)
+    app.add_middleware(AccessLog)
+    return app
