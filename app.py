@@ -45,8 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for N workers and place all decoder layers on them (the master keeps the "
                         "embedding, LM head and sampling); without it the master serves alone and hands "
                         "its layers to workers that join")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel: split every layer over N processes on this machine (gloo on CPU, "
+                        "nccl on CUDA); only when the master serves alone (give workers their own --tp)")
     p.add_argument("--join-token", default=os.environ.get("RINGLLM_JOIN_TOKEN"),
                    help="workers must prove they know this secret (HMAC challenge; env RINGLLM_JOIN_TOKEN)")
+    p.add_argument("--grpc-port", type=int, default=0,
+                   help="port of the master's gRPC result endpoint, where the last pipeline stage sends "
+                        "each step's output (the ring); 0 = any free port")
+    p.add_argument("--advertise-host", default=None,
+                   help="address workers use to reach the result endpoint (default: --host, or with a "
+                        "wildcard --host such as 0.0.0.0 the address each worker's control connection reached)")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats to workers")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0,
                    help="seconds of silence after which a worker is marked lost")
@@ -89,9 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2
+    if args.tp > 1 and args.workers:
+        print("error: --tp applies to a master that serves alone; with --workers give each worker --tp",
+              file=sys.stderr)
+        return 2
     if reason := check_port(args.host, args.port):
         print(f"error: {reason}", file=sys.stderr)
         return 1
+    if not 0 <= args.grpc_port <= 65535:
+        print(f"error: --grpc-port {args.grpc_port} is not a valid port", file=sys.stderr)
+        return 2
+    # The last stage of a pipeline answers here; a wildcard bind is no address to give it.
+    advertise = args.advertise_host or (None if args.host in ("0.0.0.0", "::", "") else args.host)
 
     import uvicorn
 
@@ -104,7 +122,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_gb=args.kv_cache_gb,
-                           max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens, attn=args.attn)
+                           max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens, attn=args.attn,
+                           tp=args.tp)
+        if args.tp > 1:  # refuse a TP size the model can't split before any weight is read
+            from inference.distributed import check_tp
+            from inference.loader import read_config
+            from inference.model_source import resolve_model
+
+            check_tp(read_config(resolve_model(args.model)), args.tp)
     except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -113,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     engine = AsyncEngine(None, name)
     registry = NodeRegistry()
     control = ControlServer(registry, args.join_token, args.heartbeat_interval, args.heartbeat_timeout, model_name=name)
+    from cluster.ring import ResultServer
+
+    results = ResultServer()
+    try:
+        results.start(args.host, args.grpc_port)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     failure: list[str] = []
     manager = []  # the ClusterManager, once the model is loaded
     server: uvicorn.Server
@@ -124,15 +157,25 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.workers:
                 ends, tokenizer = await asyncio.to_thread(load_ends, args.model, args.dtype, args.device)
-                m = ClusterManager(engine, control, cfg, args.model, ends, tokenizer, args.workers)
+                m = ClusterManager(engine, control, cfg, args.model, ends, tokenizer, args.workers,
+                                   results=results, advertise_host=advertise)
                 print(f"waiting for {args.workers} worker(s): python -m cluster.worker --master {url}",
                       file=sys.stderr, flush=True)
             else:
                 from inference.engine import Engine
+                from inference.tp_runner import tp_engine
 
-                local = await asyncio.to_thread(Engine, cfg)
+                # With --tp, ranks 1..N-1 start here and stop when this process exits.
+                if args.tp > 1:
+                    local = await asyncio.to_thread(tp_engine, cfg, args.host)
+                else:
+                    local = await asyncio.to_thread(Engine, cfg)
                 engine.attach(local)
-                m = ClusterManager(engine, control, cfg, args.model, local.loaded, local.tokenizer, None, local=local)
+                # A TP master keeps its layers: a pipeline master embeds on its own, which a
+                # vocabulary split over ranks cannot do, so joining workers get nothing.
+                m = None if args.tp > 1 else ClusterManager(engine, control, cfg, args.model, local.loaded,
+                                                            local.tokenizer, None, local=local,
+                                                            results=results, advertise_host=advertise)
                 log.info("model %s ready (%.1f s)", name, local.load_seconds)
                 print(f"ready: {url}  (OpenAI API at {url}/v1)", file=sys.stderr, flush=True)
         except InferenceError as e:
@@ -143,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         if failure:
             server.should_exit = True
             return
-        manager.append(m)
-        m.start()
+        if m is not None:
+            manager.append(m)
+            m.start()
 
     async def on_startup() -> None:
         log.info("serving on %s; loading %s ...", url, args.model)
@@ -166,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         server.run()
     except KeyboardInterrupt:
         pass
+    results.stop()
     if failure:
         print(f"error: {failure[0]}", file=sys.stderr)
         return 2

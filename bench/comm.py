@@ -8,7 +8,9 @@
 2. Per-hop overhead of a decode step: a ping on the same stream (no tensors), and a
    1-token step (576 floats, the default model's hidden size).
 3. Pipeline decode: one greedy stream through two real stage processes (layers 0-15 and
-   15-30 of the default model) against the single-process engine, same run, same prompt.
+   15-30 of the default model) against the single-process engine, same run, same prompt:
+   as a ring (the last stage answers the master's result endpoint: 3 hops a step) and as
+   a chain (the answer travels back through both stages: 4 hops a step).
 Prints tables; writes bench/results/comm.json."""
 from __future__ import annotations
 
@@ -105,6 +107,7 @@ def transfer_table(tokens: list[int], repeats: int) -> tuple[list[dict], dict]:
 
 def pipeline_decode(new_tokens: int, repeats: int) -> dict:
     from cluster.pipeline import PipelineRunner
+    from cluster.ring import ResultServer, RingClient
     from inference.config import EngineConfig, LayerRange, SamplingParams
     from inference.engine import Engine
     from inference.loader import load_model
@@ -118,7 +121,11 @@ def pipeline_decode(new_tokens: int, repeats: int) -> dict:
         single = Engine(EngineConfig(max_batch=1, kv_cache_gb=0.1))
         ends = load_model("smollm2", layers=LayerRange(0, 0, 30, embed=True, head=True))
         local = ModelRunner(ends.model, ends.config, ends.layers, blocks, 16, torch.float32, "cpu")
+        results = ResultServer()
+        port = results.start("127.0.0.1", 0)
         piped = Engine(EngineConfig(max_batch=1), loaded=ends, tokenizer=single.tokenizer, num_blocks=blocks,
+                       runner=PipelineRunner(local, RingClient(a1, results, f"127.0.0.1:{port}")))
+        chain = Engine(EngineConfig(max_batch=1), loaded=ends, tokenizer=single.tokenizer, num_blocks=blocks,
                        runner=PipelineRunner(local, StageClient(a1)))
         ids = single.encode_chat([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -128,15 +135,22 @@ def pipeline_decode(new_tokens: int, repeats: int) -> dict:
             engine.generate([ids], params)
             return new_tokens / (time.perf_counter() - t)
 
-        rate(single), rate(piped)  # warm-up
-        a, b = [], []
-        for _ in range(repeats):  # interleaved, so machine noise hits both
+        rate(single), rate(piped), rate(chain)  # warm-up
+        a, b, c = [], [], []
+        for _ in range(repeats):  # interleaved, so machine noise hits all three
             a.append(rate(single))
             b.append(rate(piped))
-        same = single.generate([ids], params)[0][0] == piped.generate([ids], params)[0][0]
-        return dict(single_tok_s=statistics.median(a), pipeline_tok_s=statistics.median(b), single_runs=a,
-                    pipeline_runs=b, ratio=statistics.median(b) / statistics.median(a), same_tokens=same,
-                    new_tokens=new_tokens)
+            c.append(rate(chain))
+        want = single.generate([ids], params)[0][0]
+        same = want == piped.generate([ids], params)[0][0] == chain.generate([ids], params)[0][0]
+        sa, sb, sc = statistics.median(a), statistics.median(b), statistics.median(c)
+        results.stop()
+        # What the ring adds to a decode step over the single process, spread over its 3 hops
+        # (master -> stage 1 -> stage 2 -> master); the layers cost the same in both.
+        hop_ms = (1 / sb - 1 / sa) * 1e3 / 3
+        return dict(single_tok_s=sa, pipeline_tok_s=sb, chain_tok_s=sc, single_runs=a, pipeline_runs=b,
+                    chain_runs=c, ratio=sb / sa, chain_ratio=sc / sa, ring_overhead_ms_per_hop=hop_ms,
+                    same_tokens=same, new_tokens=new_tokens)
     finally:
         for p in (w1, w2):
             p.kill()
@@ -164,8 +178,10 @@ def main() -> None:
     if not args.skip_pipeline:
         p = pipeline_decode(args.pipeline_tokens, args.pipeline_repeats)
         result["pipeline"] = p
-        print(f"decode, one stream: single process {p['single_tok_s']:.1f} tok/s, two stages "
-              f"{p['pipeline_tok_s']:.1f} tok/s, ratio {p['ratio']:.2f}, same tokens: {p['same_tokens']}")
+        print(f"decode, one stream: single process {p['single_tok_s']:.1f} tok/s, two stages as a ring "
+              f"{p['pipeline_tok_s']:.1f} tok/s, ratio {p['ratio']:.2f} (chain {p['chain_tok_s']:.1f} tok/s, "
+              f"ratio {p['chain_ratio']:.2f}), same tokens: {p['same_tokens']}")
+        print(f"ring overhead per hop of a decode step: {p['ring_overhead_ms_per_hop']:.3f} ms")
     out = ROOT / "bench" / "results" / "comm.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

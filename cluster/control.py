@@ -101,6 +101,9 @@ class WorkerConn:
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     pings: dict[int, float] = field(default_factory=dict, repr=False)
     seq: int = 0
+    # The master address this worker's control connection reached: an address the worker can
+    # route to, so the ring's last stage can send results back to it (see --advertise-host).
+    master_host: str | None = None
 
 
 def _settle(fut: asyncio.Future | None, result: Ready | None = None, error: Exception | None = None) -> None:
@@ -251,7 +254,8 @@ class ControlServer:
             self._drop(old, "replaced by a new connection")
             asyncio.create_task(self._close(old.ws, 1000))
         conn = WorkerConn(node_id=msg.node_id, grpc_address=msg.grpc_address, capacity=msg.capacity,
-                          holding=msg.holding, peer=peer, ws=ws, last_seen=now)
+                          holding=msg.holding, peer=peer, ws=ws, last_seen=now,
+                          master_host=(ws.scope.get("server") or (None,))[0])
         h, cap = msg.holding, msg.capacity
         self._conns[msg.node_id] = conn
         self.registry.add(NodeInfo(

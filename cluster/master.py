@@ -26,6 +26,7 @@ from .control import ControlError, ControlServer, WorkerConn
 from .control_messages import Assign
 from .pipeline import PipelineRunner
 from .planner import LayerCost, NodeCapacity, Plan, PlanError, plan_layers
+from .ring import ResultServer, RingClient
 from .stage_client import StageClient
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class ClusterManager:
 
     def __init__(self, aengine: AsyncEngine, control: ControlServer, cfg: EngineConfig, model_source: str,
                  ends: LoadedModel, tokenizer, want_workers: int | None, local: Engine | None = None,
-                 load_timeout: float = 600.0):
+                 load_timeout: float = 600.0, results: ResultServer | None = None,
+                 advertise_host: str | None = None):
         self.aengine = aengine
         self.control = control
         self.cfg = cfg
@@ -54,6 +56,10 @@ class ClusterManager:
         self.want_workers = want_workers
         self.local = local  # the master's own full-model engine (serving alone), if any
         self.load_timeout = load_timeout
+        # With a result server the pipeline is a ring (the last stage answers the master
+        # directly); without one, answers travel back through every stage (chain).
+        self.results = results
+        self.advertise_host = advertise_host
         mcfg = ends.config
         self.num_blocks = local.kv.pool.num_blocks if local else pool_blocks(cfg, mcfg)
         self.cost = LayerCost.for_model(mcfg, DTYPES[cfg.dtype].itemsize, self.num_blocks, cfg.block_size,
@@ -98,7 +104,9 @@ class ClusterManager:
     def to_json(self) -> dict:
         return dict(mode="pipeline" if self.plan else "local", want_workers=self.want_workers,
                     num_blocks=self.num_blocks, plan=self.plan.to_json() if self.plan else None,
-                    plan_error=self.plan_error, loads=dict(self.loads))
+                    plan_error=self.plan_error, loads=dict(self.loads),
+                    ring=dict(port=self.results.port, results=self.results.results, errors=self.results.errors)
+                    if self.results else None)
 
     async def _replan(self) -> None:
         workers = self._workers()
@@ -174,10 +182,22 @@ class ClusterManager:
             return
         for node_id, r in zip(waits, readies):
             self.loads[node_id] = r.loads
-        runner = PipelineRunner(self.local_runner, StageClient(by_id[order[0].node_id].grpc_address))
+        first = by_id[order[0].node_id].grpc_address
+        if self.results is not None:
+            reply_to = self._reply_to(by_id[order[-1].node_id])
+            log.info("plan %d: the last stage sends results to %s", plan_id, reply_to)
+            runner = PipelineRunner(self.local_runner, RingClient(first, self.results, reply_to))
+        else:
+            runner = PipelineRunner(self.local_runner, StageClient(first))
         self._install(runner)
         self.plan = plan
         log.info("serving through %d stage(s)", len(order))
+
+    def _reply_to(self, last: WorkerConn) -> str:
+        """host:port of our result endpoint as the last stage can reach it: --advertise-host,
+        else the address its control connection reached us at, else loopback."""
+        host = self.advertise_host or last.master_host or "127.0.0.1"
+        return f"[{host}]:{self.results.port}" if ":" in host else f"{host}:{self.results.port}"
 
     def _install(self, runner) -> None:
         if self.aengine.engine is None:

@@ -2,7 +2,9 @@
 
 The master keeps the embedding, the final norm and the LM head (a local ModelRunner with
 no decoder layers); each step's embedded hidden states go to the first stage, hop through
-the others, and come back as the last layer's output, which the master turns into logits."""
+the others, and come back as the last layer's output, which the master turns into logits.
+With a `RingClient` the last stage sends that output straight to the master (N+1 hops a
+step); with a `StageClient` it travels back up through every stage (chain, 2N hops)."""
 from __future__ import annotations
 
 import itertools
@@ -12,6 +14,7 @@ import torch
 
 from inference.model_runner import ModelRunner, StepInputs
 
+from .ring import RingClient
 from .stage_client import MAX_STEP_BYTES, StageClient
 from .tensor_wire import encode_step, from_proto
 
@@ -24,7 +27,7 @@ class PipelineRunner:
     stages behind `first` cover every decoder layer once, in order, each with a KV pool of
     the engine's block count."""
 
-    def __init__(self, local: ModelRunner, first: StageClient, compression: str = ""):
+    def __init__(self, local: ModelRunner, first: StageClient | RingClient, compression: str = ""):
         if not (local.layers.embed and local.layers.head):
             raise ValueError("the pipeline master must hold the embedding and the head")
         self.local = local

@@ -2,11 +2,17 @@
 
 A stage holds no per-sequence state: every step carries the positions, cache slots and
 block tables the master's KV manager decided, so freeing a sequence on the master frees
-it on every stage. Steps arrive on one persistent bidirectional stream per hop; a stage
-with a `next_hop` forwards its output there and relays the answer back upstream.
+it on every stage. Steps arrive on one persistent bidirectional stream per hop.
 
-    python -m cluster.stage_server --model smollm2 --layers 0 15 --num-blocks 512 --port 50051
-runs one stage by hand (the worker process does the same when the master assigns it)."""
+Ring mode (the step's `reply_to` is set, as the cluster master does): a stage forwards its
+output to `next_hop` without waiting for it and answers upstream with a bare ack; the last
+stage sends its output to the master's Results endpoint at `reply_to`, and a stage that
+fails a step (or whose next hop dies holding it) reports that there too. Chain mode (no
+`reply_to`, e.g. a hand-run pipeline): each stage relays the next one's answer upstream.
+
+    python -m cluster.stage_server --model smollm2 --layers 0 15 --num-blocks 512 --port 50051 [--tp N]
+runs one stage by hand (the worker process does the same when the master assigns it); with
+--tp the stage's layers are split over N ranks on this machine (inference.tp_runner)."""
 from __future__ import annotations
 
 import argparse
@@ -25,10 +31,14 @@ from inference.loader import DTYPES, LoadedModel, load_model
 from inference.model_runner import ModelRunner, StepInputs
 from proto import stage_pb2, stage_pb2_grpc
 
+from .control_messages import check_host_port
 from .stage_client import GRPC_OPTIONS, MAX_STEP_BYTES, StageClient, StageError
+from .stage_stream import StreamSender
 from .tensor_wire import WireError, decode_step, to_proto
 
 log = logging.getLogger(__name__)
+
+MAX_REPLY_ADDRESSES = 4  # masters a stage keeps result streams open to (normally one)
 
 
 @dataclass(slots=True)
@@ -36,11 +46,12 @@ class Stage:
     """The layers a worker currently serves, with the KV pool the master sized for them."""
 
     loaded: LoadedModel
-    runner: ModelRunner
+    runner: ModelRunner  # or a TPRunner: the same interface over a tensor-parallel group
     num_blocks: int
     block_size: int
     dtype: str
-    next: StageClient | None
+    next: StageClient | None  # chain mode: waits for the next stage's answer
+    ring: StreamSender | None = None  # ring mode: same next hop, fire-and-forget
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
@@ -55,29 +66,86 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self._lock = threading.Lock()
         self.steps_done = 0
         self.in_flight = 0
+        self._replies: dict[str, StreamSender] = {}  # reply_to address -> result stream
+        self._replies_lock = threading.Lock()  # not _lock: a reader thread must not wait out a step
+        self.results_sent = 0  # final hidden states this stage sent to a master (ring mode)
+        self.answers_relayed = 0  # answers relayed upstream in chain mode (0 in a ring)
 
     def install(self, loaded: LoadedModel, num_blocks: int, block_size: int, dtype: str,
-                next_hop: str | None) -> None:
-        runner = ModelRunner(loaded.model, loaded.config, loaded.layers, num_blocks, block_size,
-                             DTYPES[dtype], self.device)
+                next_hop: str | None, runner=None) -> None:
+        """`runner`: a ready TPRunner for a tensor-parallel stage (its pool already sized);
+        None builds a local ModelRunner."""
+        if runner is None:
+            runner = ModelRunner(loaded.model, loaded.config, loaded.layers, num_blocks, block_size,
+                                 DTYPES[dtype], self.device)
         stage = Stage(loaded, runner, num_blocks, block_size, dtype, StageClient(next_hop) if next_hop else None)
+        if next_hop:
+            stage.ring = StreamSender(next_hop, self._next_failed)
         with self._lock:
             old, self.stage = self.stage, stage
-        if old is not None and old.next is not None:
-            old.next.close()
+        self._release(old, keep=runner)
 
     def drop(self) -> None:
         with self._lock:
             old, self.stage = self.stage, None
-        if old is not None and old.next is not None:
+        self._release(old)
+        with self._replies_lock:
+            replies, self._replies = self._replies, {}
+        for sender in replies.values():
+            sender.close()
+
+    @staticmethod
+    def _release(old: Stage | None, keep=None) -> None:
+        if old is None:
+            return
+        if old.next is not None:
             old.next.close()
+        if old.ring is not None:
+            old.ring.close()
+        if old.runner is not keep and hasattr(old.runner, "close"):
+            old.runner.close()  # a TP group: stop its ranks
+
+    def _reply_stream(self, address: str) -> StreamSender:
+        with self._replies_lock:
+            sender = self._replies.get(address)
+            if sender is None:
+                if len(self._replies) >= MAX_REPLY_ADDRESSES:  # drop the oldest master
+                    self._replies.pop(next(iter(self._replies))).close()
+                sender = self._replies[address] = StreamSender(address, self._reply_failed, kind="results")
+            return sender
+
+    @staticmethod
+    def _reply_failed(step_id: int, reply_to: str, message: str, broken: bool) -> None:
+        # Nobody to tell: the master is gone (it fails its own steps by timeout), or it no
+        # longer waits for this step (an error it already heard about from an ack: routine).
+        log.log(logging.WARNING if broken else logging.DEBUG, "master result endpoint: step %d: %s",
+                step_id, message)
+
+    def _next_failed(self, step_id: int, reply_to: str, message: str, broken: bool) -> None:
+        # An error ack means the next stage already reported to the master itself; a broken
+        # stream means it may be dead, so this stage reports for it.
+        if broken and reply_to:
+            self._reply_stream(reply_to).send(stage_pb2.StepResponse(
+                step_id=step_id, error=f"{self.node_id}: next stage {message}"))
+
+    def _fail(self, req: stage_pb2.StepRequest, error: str) -> stage_pb2.StepResponse:
+        if req.reply_to:
+            self._reply_stream(req.reply_to).send(stage_pb2.StepResponse(
+                step_id=req.step_id, error=f"{self.node_id}: {error}"))
+        return stage_pb2.StepResponse(step_id=req.step_id, error=error)
 
     def run_step(self, req: stage_pb2.StepRequest) -> stage_pb2.StepResponse:
         if req.ping:  # per-hop overhead probe: answer at once, run nothing
             return stage_pb2.StepResponse(step_id=req.step_id)
+        if req.reply_to:
+            try:
+                check_host_port(req.reply_to)
+            except ValueError as e:
+                log.warning("rejected step %d: reply_to %.40r %s", req.step_id, req.reply_to, e)
+                return stage_pb2.StepResponse(step_id=req.step_id, error=f"malformed step: reply_to {e}")
         stage = self.stage
         if stage is None:
-            return stage_pb2.StepResponse(step_id=req.step_id, error="this worker holds no layers")
+            return self._fail(req, "this worker holds no layers")
         try:
             step = decode_step(req, MAX_STEP_BYTES, self.device, stage.num_blocks,
                                stage.loaded.config.max_position)
@@ -85,7 +153,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 raise WireError(f"block size {step.block_size}, this stage uses {stage.block_size}")
         except WireError as e:
             log.warning("rejected step %d: %s", req.step_id, e)
-            return stage_pb2.StepResponse(step_id=req.step_id, error=f"malformed step: {e}")
+            return self._fail(req, f"malformed step: {e}")
         inputs = StepInputs(order=[], token_ids=step.positions, positions=step.positions,
                             meta=step.attention_metadata(), sample_rows=[], sample_batch_idx=[])
         with self._lock:
@@ -96,13 +164,23 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 self.in_flight -= 1
             self.steps_done += 1
         out = stage_pb2.StepResponse(step_id=req.step_id, hidden=to_proto(hidden.cpu()))
+        if req.reply_to:  # ring: hand the output on and acknowledge; the answer never comes back here
+            if stage.ring is None:
+                self._reply_stream(req.reply_to).send(out)
+                self.results_sent += 1
+            else:
+                req.hidden.CopyFrom(out.hidden)  # the request is ours now: reuse it for the next hop
+                stage.ring.send(req)
+            return stage_pb2.StepResponse(step_id=req.step_id)
         if stage.next is None:
             return out
         fwd = stage_pb2.StepRequest()
         fwd.CopyFrom(req)
         fwd.hidden.CopyFrom(out.hidden)
         try:
-            return stage.next.step(fwd)
+            answer = stage.next.step(fwd)
+            self.answers_relayed += 1
+            return answer
         except StageError as e:
             return stage_pb2.StepResponse(step_id=req.step_id, error=f"next stage: {e}")
 
@@ -141,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free; the bound port is printed)")
     p.add_argument("--next-hop", default=None, help="host:port of the next stage (omit on the last stage)")
     p.add_argument("--node-id", default=None)
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallel ranks on this machine")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from inference.errors import InferenceError
@@ -150,9 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         n = read_config(resolve_model(args.model)).num_layers
         rng = LayerRange(args.layers[0], args.layers[1], n, embed=False, head=False)
-        loaded = load_model(args.model, args.dtype, args.device, layers=rng)
+        runner = None
+        if args.tp != 1:
+            from inference.tp_runner import start_tp
+
+            runner = start_tp(args.model, args.dtype, args.device, rng, args.num_blocks, args.block_size,
+                              args.tp, args.host)
+            loaded = runner.loaded
+        else:
+            loaded = load_model(args.model, args.dtype, args.device, layers=rng)
         servicer = StageServicer(args.node_id or f"stage-{rng.start}-{rng.end}", args.device)
-        servicer.install(loaded, args.num_blocks, args.block_size, args.dtype, args.next_hop)
+        servicer.install(loaded, args.num_blocks, args.block_size, args.dtype, args.next_hop, runner)
         server, port = serve(servicer, args.host, args.port)
     except (InferenceError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

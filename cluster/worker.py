@@ -21,6 +21,7 @@ import torch
 from inference.config import LayerRange
 from inference.errors import InferenceError
 from inference.loader import load_model
+from inference.tp_runner import start_tp
 
 from .control import ControlClient
 from .control_messages import Assign, Failed, Ready
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=0, help="gRPC port (0 = any free port)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--node-id", default=None, help="unique id (default: hostname-pid-random)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel: split the assigned layers over N processes on this machine "
+                        "(gloo on CPU, nccl on CUDA); the group binds to --host")
     p.add_argument("--layers", type=parse_layers, default=None,
                    help="override the planner: a layer count N or a range START-END")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -104,15 +108,26 @@ class Worker:
         t = time.perf_counter()
         try:
             stage = self.servicer.stage
-            if stage is not None and self.holding and all(self.holding[k] == want[k] for k in weights):
+            tp = self.args.tp
+            same_pool = self.holding and (self.holding["num_blocks"], self.holding["block_size"]) == (
+                a.num_blocks, a.block_size)
+            if stage is not None and self.holding and all(self.holding[k] == want[k] for k in weights) and (
+                    tp == 1 or same_pool):
                 # Same weights as before (e.g. the master restarted): keep them; only the KV
-                # pool and the next hop are rebuilt.
-                self.servicer.install(stage.loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop)
+                # pool (a TP group keeps its own, hence same_pool) and the next hop are rebuilt.
+                self.servicer.install(stage.loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop,
+                                      stage.runner if tp > 1 else None)
             else:
                 self.servicer.drop()
                 rng = LayerRange(a.start, a.end, a.num_layers, embed=False, head=False)
-                loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng)
-                self.servicer.install(loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop)
+                runner = None
+                if tp > 1:  # ranks 1..N-1 start now and load their shards of the same range
+                    runner = await asyncio.to_thread(start_tp, a.model, a.dtype, self.args.device, rng,
+                                                     a.num_blocks, a.block_size, tp, self.args.host)
+                    loaded = runner.loaded
+                else:
+                    loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng)
+                self.servicer.install(loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop, runner)
                 self.loads += 1
         except (InferenceError, OSError, RuntimeError, ValueError) as e:
             log.error("cannot load layers [%d, %d) of %s: %s", a.start, a.end, a.model, e)
@@ -153,6 +168,9 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tp < 1:
+        print("error: --tp must be >= 1", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(run(args))

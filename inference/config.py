@@ -121,6 +121,9 @@ class EngineConfig:
     max_batch_tokens: int = 2048
     max_model_len: int | None = None
     attn: str = "sdpa"
+    # Tensor-parallel ranks on this machine. `inference.tp_runner.tp_engine(cfg)` starts
+    # them; a plain `Engine(cfg)` is one process whatever this says.
+    tp: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -129,7 +132,7 @@ class EngineConfig:
             raise InvalidParameter("attn", f"{self.attn!r} is not one of {', '.join(ATTN_BACKENDS)}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise InvalidParameter("kv_cache_gb", "must be > 0")
-        for name in ("block_size", "max_batch", "max_batch_tokens"):
+        for name in ("block_size", "max_batch", "max_batch_tokens", "tp"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(name, "must be >= 1")
 

@@ -1,5 +1,7 @@
 """Builds a model for a layer range and fills it from safetensors, reading only the
-tensors that range needs (the other layers' weights are never materialised)."""
+tensors that range needs (the other layers' weights are never materialised). Tensors are
+opened as safetensors slices, so under tensor parallelism each rank's weight loaders read
+only that rank's rows or columns from disk."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import LayerRange, ModelConfig
+from .layers.linear import default_weight_loader
 from .errors import ModelNotFound, UnsupportedModel
 from .model_source import resolve_model
 from .models.registry import model_class
@@ -125,12 +128,13 @@ def load_weights(model: nn.Module, path: Path, rng: LayerRange) -> None:
         for file, items in plan.items():
             with safe_open(str(file), framework="pt") as sf:
                 for name, targets in items:
-                    tensor = sf.get_tensor(name)
+                    # A lazy slice: the weight loader reads the range this rank holds.
+                    tensor = sf.get_slice(name)
                     for target, shard in targets:
                         if target not in params:
                             raise UnsupportedModel(f"checkpoint tensor {name} has no place in our model ({target})")
                         p = params[target]
-                        p.weight_loader(p, tensor, shard) if hasattr(p, "weight_loader") else p.data.copy_(tensor)
+                        getattr(p, "weight_loader", default_weight_loader)(p, tensor, shard)
                         pending.discard(target)
                     bar.update()
     # A tied lm_head shares its tensor with the embedding, which was loaded.

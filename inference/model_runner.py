@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LayerRange, ModelConfig
-from .layers.attention import AttentionMetadata, build_metadata
+from .layers.attention import Attention, AttentionMetadata, build_metadata
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
@@ -48,7 +48,9 @@ class ModelRunner:
         self.layers = layers
         self.block_size = block_size
         self.device = torch.device(device)
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Under tensor parallelism a rank caches only its own KV heads: ask its layers.
+        kv_heads = next((m.num_kv_heads for m in model.modules() if isinstance(m, Attention)), cfg.num_kv_heads)
+        shape = (num_blocks, block_size, kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
             for _ in range(len(layers))

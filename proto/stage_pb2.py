@@ -24,25 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bstage.proto\x12\x10ringllm.stage.v1\"I\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\"\xae\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x06hidden\x18\x02 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12+\n\tpositions\x18\x03 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12.\n\x0cslot_mapping\x18\x04 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12.\n\x0c\x62lock_tables\x18\x05 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12\x0e\n\x06q_lens\x18\x06 \x03(\x05\x12\x10\n\x08\x63tx_lens\x18\x07 \x03(\x05\x12\x13\n\x0bnum_decodes\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x0c\n\x04ping\x18\n \x01(\x08\"X\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x06hidden\x18\x02 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x0f\n\rHealthRequest\"\xa0\x01\n\x0bHealthReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0c\n\x04load\x18\x05 \x01(\x04\x12;\n\x10protocol_version\x18\x06 \x01(\x0e\x32!.ringllm.stage.v1.ProtocolVersion*Q\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROTOCOL_VERSION_CURRENT\x10\x01\x32\x9d\x01\n\x05Stage\x12J\n\x05Steps\x12\x1d.ringllm.stage.v1.StepRequest\x1a\x1e.ringllm.stage.v1.StepResponse(\x01\x30\x01\x12H\n\x06Health\x12\x1f.ringllm.stage.v1.HealthRequest\x1a\x1d.ringllm.stage.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bstage.proto\x12\x10ringllm.stage.v1\"I\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\"\xc0\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x06hidden\x18\x02 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12+\n\tpositions\x18\x03 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12.\n\x0cslot_mapping\x18\x04 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12.\n\x0c\x62lock_tables\x18\x05 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12\x0e\n\x06q_lens\x18\x06 \x03(\x05\x12\x10\n\x08\x63tx_lens\x18\x07 \x03(\x05\x12\x13\n\x0bnum_decodes\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x0c\n\x04ping\x18\n \x01(\x08\x12\x10\n\x08reply_to\x18\x0b \x01(\t\"X\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x06hidden\x18\x02 \x01(\x0b\x32\x18.ringllm.stage.v1.Tensor\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"+\n\tResultAck\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x0f\n\rHealthRequest\"\xa0\x01\n\x0bHealthReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0c\n\x04load\x18\x05 \x01(\x04\x12;\n\x10protocol_version\x18\x06 \x01(\x0e\x32!.ringllm.stage.v1.ProtocolVersion*Q\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROTOCOL_VERSION_CURRENT\x10\x01\x32\x9d\x01\n\x05Stage\x12J\n\x05Steps\x12\x1d.ringllm.stage.v1.StepRequest\x1a\x1e.ringllm.stage.v1.StepResponse(\x01\x30\x01\x12H\n\x06Health\x12\x1f.ringllm.stage.v1.HealthRequest\x1a\x1d.ringllm.stage.v1.HealthReply2T\n\x06Master\x12J\n\x07Results\x12\x1e.ringllm.stage.v1.StepResponse\x1a\x1b.ringllm.stage.v1.ResultAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOLVERSION']._serialized_start=683
-  _globals['_PROTOCOLVERSION']._serialized_end=764
+  _globals['_PROTOCOLVERSION']._serialized_start=746
+  _globals['_PROTOCOLVERSION']._serialized_end=827
   _globals['_TENSOR']._serialized_start=33
   _globals['_TENSOR']._serialized_end=106
   _globals['_STEPREQUEST']._serialized_start=109
-  _globals['_STEPREQUEST']._serialized_end=411
-  _globals['_STEPRESPONSE']._serialized_start=413
-  _globals['_STEPRESPONSE']._serialized_end=501
-  _globals['_HEALTHREQUEST']._serialized_start=503
-  _globals['_HEALTHREQUEST']._serialized_end=518
-  _globals['_HEALTHREPLY']._serialized_start=521
-  _globals['_HEALTHREPLY']._serialized_end=681
-  _globals['_STAGE']._serialized_start=767
-  _globals['_STAGE']._serialized_end=924
+  _globals['_STEPREQUEST']._serialized_end=429
+  _globals['_STEPRESPONSE']._serialized_start=431
+  _globals['_STEPRESPONSE']._serialized_end=519
+  _globals['_RESULTACK']._serialized_start=521
+  _globals['_RESULTACK']._serialized_end=564
+  _globals['_HEALTHREQUEST']._serialized_start=566
+  _globals['_HEALTHREQUEST']._serialized_end=581
+  _globals['_HEALTHREPLY']._serialized_start=584
+  _globals['_HEALTHREPLY']._serialized_end=744
+  _globals['_STAGE']._serialized_start=830
+  _globals['_STAGE']._serialized_end=987
+  _globals['_MASTER']._serialized_start=989
+  _globals['_MASTER']._serialized_end=1073
 # @@protoc_insertion_point(module_scope)

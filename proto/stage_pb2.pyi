@@ -27,7 +27,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "hidden", "positions", "slot_mapping", "block_tables", "q_lens", "ctx_lens", "num_decodes", "block_size", "ping")
+    __slots__ = ("step_id", "hidden", "positions", "slot_mapping", "block_tables", "q_lens", "ctx_lens", "num_decodes", "block_size", "ping", "reply_to")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class StepRequest(_message.Message):
     NUM_DECODES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     positions: Tensor
@@ -48,7 +49,8 @@ class StepRequest(_message.Message):
     num_decodes: int
     block_size: int
     ping: bool
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., slot_mapping: _Optional[_Union[Tensor, _Mapping]] = ..., block_tables: _Optional[_Union[Tensor, _Mapping]] = ..., q_lens: _Optional[_Iterable[int]] = ..., ctx_lens: _Optional[_Iterable[int]] = ..., num_decodes: _Optional[int] = ..., block_size: _Optional[int] = ..., ping: _Optional[bool] = ...) -> None: ...
+    reply_to: str
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., slot_mapping: _Optional[_Union[Tensor, _Mapping]] = ..., block_tables: _Optional[_Union[Tensor, _Mapping]] = ..., q_lens: _Optional[_Iterable[int]] = ..., ctx_lens: _Optional[_Iterable[int]] = ..., num_decodes: _Optional[int] = ..., block_size: _Optional[int] = ..., ping: _Optional[bool] = ..., reply_to: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("step_id", "hidden", "error")
@@ -59,6 +61,14 @@ class StepResponse(_message.Message):
     hidden: Tensor
     error: str
     def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ResultAck(_message.Message):
+    __slots__ = ("step_id", "error")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    error: str
+    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -141,3 +141,82 @@ class Stage:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MasterStub:
+    """The master's end of the ring: the last stage sends each step's final hidden states here
+    (and any stage reports a step it failed), so answers skip the hops back through the stages.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Results = channel.stream_stream(
+                '/ringllm.stage.v1.Master/Results',
+                request_serializer=stage__pb2.StepResponse.SerializeToString,
+                response_deserializer=stage__pb2.ResultAck.FromString,
+                _registered_method=True)
+
+
+class MasterServicer:
+    """The master's end of the ring: the last stage sends each step's final hidden states here
+    (and any stage reports a step it failed), so answers skip the hops back through the stages.
+    """
+
+    def Results(self, request_iterator, context):
+        """One persistent stream per sending stage; each result is acknowledged in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MasterServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Results': grpc.stream_stream_rpc_method_handler(
+                    servicer.Results,
+                    request_deserializer=stage__pb2.StepResponse.FromString,
+                    response_serializer=stage__pb2.ResultAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ringllm.stage.v1.Master', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ringllm.stage.v1.Master', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Master:
+    """The master's end of the ring: the last stage sends each step's final hidden states here
+    (and any stage reports a step it failed), so answers skip the hops back through the stages.
+    """
+
+    @staticmethod
+    def Results(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ringllm.stage.v1.Master/Results',
+            stage__pb2.StepResponse.SerializeToString,
+            stage__pb2.ResultAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

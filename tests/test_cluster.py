@@ -117,6 +117,8 @@ def test_two_workers_equal_single_process_for_8_concurrent_requests(cluster, exp
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda q: chat(cluster["base"], q), QUESTIONS))
     assert got == expected
+    ring = status(cluster["base"])["cluster"]["ring"]  # the last stage answered the master directly
+    assert ring["results"] > 0 and ring["errors"] == 0
 
 
 def test_wrong_join_token_is_refused(cluster, tmp_path):

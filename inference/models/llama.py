@@ -7,8 +7,8 @@ from torch import nn
 from ..config import LayerRange, ModelConfig
 from ..layers.activation import SiluAndMul
 from ..layers.attention import Attention, AttentionMetadata
-from ..layers.embedding import LMHead, VocabEmbedding
-from ..layers.linear import Linear, MergedLinear, QKVLinear
+from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -19,10 +19,13 @@ CosSin = tuple[torch.Tensor, torch.Tensor]
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, attn_backend: str):
         super().__init__()
-        self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx, attn_backend)
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        # This rank's heads (all of them without tensor parallelism), as the projection split them.
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, layer_idx, attn_backend)
 
     def forward(self, x: torch.Tensor, rope: CosSin, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
@@ -36,9 +39,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
         self.act = SiluAndMul()
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -66,7 +69,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, rng: LayerRange, attn_backend: str):
         super().__init__()
         self.rng = rng
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size) if rng.embed else None
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if rng.embed else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_backend) for i in range(len(rng)))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if rng.head else None
@@ -99,7 +102,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.rng = rng if rng is not None else LayerRange(0, cfg.num_layers, cfg.num_layers)
         self.model = LlamaModel(cfg, self.rng, attn_backend)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size) if self.rng.head else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if self.rng.head else None
         if self.lm_head is not None and cfg.tie_word_embeddings and self.model.embed_tokens is not None:
             # One tensor for both ends; a last-only stage loads the embedding into lm_head.
             self.lm_head.weight = self.model.embed_tokens.weight
