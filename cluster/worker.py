@@ -23,7 +23,7 @@ from inference.errors import InferenceError
 from inference.loader import load_model
 from inference.tp_runner import start_tp
 
-from .control import ControlClient
+from .control_client import ControlClient
 from .control_messages import Assign, Failed, Ready
 from .stage_server import StageServicer, serve
 

@@ -16,7 +16,8 @@ import uvicorn
 import websockets
 from fastapi import FastAPI
 
-from cluster.control import ControlClient, ControlServer, LoadFailed, WorkerLost, auth_digest, control_url
+from cluster.control import ControlServer, LoadFailed, WorkerLost, auth_digest
+from cluster.control_client import ControlClient, control_url
 from cluster.control_messages import (MAX_MESSAGE_BYTES, Assign, Failed, Heartbeat, ProtocolError, Ready,
                                       Register, dump, parse)
 from cluster.registry import NodeRegistry, NodeState
@@ -309,7 +310,7 @@ def test_duplicate_node_id_refused_then_replaces_dead_one():
 
 
 def test_join_token_checked_by_hmac_and_never_sent(caplog):
-    caplog.set_level(logging.INFO, logger="cluster.control")
+    caplog.set_level(logging.INFO, logger="cluster")
 
     async def main():
         m = await Master(token=TOKEN).start()
@@ -337,7 +338,7 @@ def test_join_token_checked_by_hmac_and_never_sent(caplog):
 
 
 def test_bad_messages_refused_and_logged_server_keeps_serving(caplog):
-    caplog.set_level(logging.INFO, logger="cluster.control")
+    caplog.set_level(logging.INFO, logger="cluster")
 
     async def main():
         m = await Master().start()
@@ -377,7 +378,7 @@ def test_bad_messages_refused_and_logged_server_keeps_serving(caplog):
         await m.stop()
 
     run(main())
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "cluster.control"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name.startswith("cluster.control")]
     for needle in ("exceeds the limit", "malformed JSON", "unknown message type", "protocol version 9",
                    "refused rogue from 127.0.0.1:"):
         assert any(needle in e for e in errors), needle
@@ -446,7 +447,7 @@ def test_heartbeat_from_worker_is_acked():
 
 
 def test_client_refuses_bad_master_messages_and_retries(caplog):
-    caplog.set_level(logging.INFO, logger="cluster.control")
+    caplog.set_level(logging.INFO, logger="cluster")
     from websockets.asyncio.server import serve
 
     frames = ["{garbage", "y" * (MAX_MESSAGE_BYTES + 1), '{"v": 2, "type": "challenge", "nonce": "00"}',
@@ -470,7 +471,7 @@ def test_client_refuses_bad_master_messages_and_retries(caplog):
             await w.stop()
 
     run(main())
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "cluster.control"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name.startswith("cluster.control")]
     for needle in ("malformed JSON", "over 65536 bytes", "protocol version 2 is not supported",
                    "expected challenge, got registered"):
         assert any(needle in e for e in errors), needle
