@@ -24,7 +24,6 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-import torch
 
 from inference.config import LayerRange
 from inference.loader import DTYPES, LoadedModel, load_model

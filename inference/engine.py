@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from .config import EngineConfig, SamplingParams
+from .config import EngineConfig, ModelConfig, SamplingParams
 from .detokenizer import IncrementalDetokenizer, StopChecker, apply_chat_template
 from .errors import InvalidParameter
 from .kv_cache import KVCacheManager
@@ -55,6 +55,22 @@ class _Request:
     eos: frozenset[int]
 
 
+def kv_pool_blocks(cfg: EngineConfig, mcfg: ModelConfig, num_layers: int, cuda_device: str | None = None) -> int:
+    """The default KV pool for `num_layers` layers: cfg.kv_cache_gb if set, else enough for
+    max_batch full contexts, capped by device memory (and at 1 GiB on CPU)."""
+    block_bytes = kv_block_bytes(mcfg, num_layers, cfg.block_size, DTYPES[cfg.dtype])
+    if cfg.kv_cache_gb is not None:
+        budget = cfg.kv_cache_gb * 2**30
+    else:
+        wanted = -(-mcfg.max_position // cfg.block_size) * block_bytes * cfg.max_batch
+        if cfg.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(cuda_device or cfg.device))
+            budget = min(wanted, free * _KV_CUDA_SHARE)
+        else:
+            budget = min(wanted, psutil.virtual_memory().available * _KV_MEMORY_SHARE, _KV_DEFAULT_GIB * 2**30)
+    return max(1, int(budget) // block_bytes)
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -89,7 +105,7 @@ class Engine:
         dtype = DTYPES[cfg.dtype]
         block_bytes = kv_block_bytes(mcfg, len(self.loaded.layers), cfg.block_size, dtype)
         if num_blocks is None:
-            num_blocks = max(1, int(self._kv_budget_bytes(block_bytes)) // block_bytes)
+            num_blocks = kv_pool_blocks(cfg, mcfg, len(self.loaded.layers))
         self.kv = KVCacheManager(num_blocks, cfg.block_size)
         self.max_model_len = min(cfg.max_model_len or mcfg.max_position, mcfg.max_position, self.kv.capacity_tokens)
         self.runner = runner or ModelRunner(self.loaded.model, mcfg, self.loaded.layers, num_blocks,
@@ -101,18 +117,6 @@ class Engine:
         self.num_aborted = 0
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB); max context %d",
                  num_blocks, cfg.block_size, num_blocks * block_bytes / 2**30, self.max_model_len)
-
-    def _kv_budget_bytes(self, block_bytes: int) -> float:
-        if self.cfg.kv_cache_gb is not None:
-            return self.cfg.kv_cache_gb * 2**30
-        mcfg = self.loaded.config
-        # Enough for max_batch sequences at full context, and no more.
-        wanted = -(-mcfg.max_position // self.cfg.block_size) * block_bytes * self.cfg.max_batch
-        if self.cfg.device.startswith("cuda"):
-            free, _ = torch.cuda.mem_get_info(torch.device(self.cfg.device))
-            return min(wanted, free * _KV_CUDA_SHARE)
-        available = psutil.virtual_memory().available * _KV_MEMORY_SHARE
-        return min(wanted, available, _KV_DEFAULT_GIB * 2**30)
 
     # -- requests ---------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:

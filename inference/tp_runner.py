@@ -23,14 +23,13 @@ import sys
 import threading
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 
-from .config import EngineConfig, LayerRange, ModelConfig
+from .config import EngineConfig, LayerRange
 from .distributed import bind_address, check_tp, close_group, init_group, pin_interface, rank_device
 from .loader import DTYPES, LoadedModel, load_model, read_config
-from .model_runner import ModelRunner, StepInputs, kv_block_bytes
+from .model_runner import ModelRunner, StepInputs
 from .model_source import resolve_model
 from .scheduler import ScheduledSeq
 from .tp_step import Cmd, Header, send_forward, send_logits
@@ -186,29 +185,14 @@ def start_tp(source: str, dtype: str, device: str, rng: LayerRange | tuple[int, 
     return TPRunner(local, loaded, ranks, threads)
 
 
-def kv_pool_blocks(cfg: EngineConfig, mcfg: ModelConfig) -> int:
-    """The Engine's default KV budget (cfg.kv_cache_gb, else enough for max_batch full
-    contexts, at most 1 GiB and a quarter of free RAM), decided before the Engine exists
-    because the ranks allocate their pools first. Counted for all KV heads: the ranks'
-    shares add up to that on one machine."""
-    block = kv_block_bytes(mcfg, mcfg.num_layers, cfg.block_size, DTYPES[cfg.dtype])
-    if cfg.kv_cache_gb is not None:
-        budget = cfg.kv_cache_gb * 2**30
-    else:
-        wanted = -(-mcfg.max_position // cfg.block_size) * block * cfg.max_batch
-        if cfg.device.startswith("cuda"):  # each rank has its own GPU: rank 0's is representative
-            budget = min(wanted, torch.cuda.mem_get_info(torch.device(rank_device(cfg.device, 0)))[0] * 0.8)
-        else:
-            budget = min(wanted, psutil.virtual_memory().available * 0.25, 2**30)
-    return max(1, int(budget) // block)
-
-
 def tp_engine(cfg: EngineConfig, host: str | None = "127.0.0.1", tokenizer=None):
     """The master's Engine when it serves alone with `--tp`: the whole model over cfg.tp ranks."""
-    from .engine import Engine
+    from .engine import Engine, kv_pool_blocks
 
     mcfg = read_config(resolve_model(cfg.model))
-    num_blocks = kv_pool_blocks(cfg, mcfg)
+    # Decided before the Engine exists, because the ranks allocate their pools first;
+    # counted for all KV heads (the ranks' shares add up to that on one machine).
+    num_blocks = kv_pool_blocks(cfg, mcfg, mcfg.num_layers, rank_device(cfg.device, 0))
     runner = start_tp(cfg.model, cfg.dtype, cfg.device, None, num_blocks, cfg.block_size, cfg.tp, host, cfg.attn)
     try:
         return Engine(cfg, loaded=runner.loaded, tokenizer=tokenizer, num_blocks=num_blocks, runner=runner)
