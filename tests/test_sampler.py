@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference.config import SamplingParams
-from inference.sampler import Sampler, SamplerState, SampleOutput, apply_penalties
+from inference.sampler import _CANDIDATES, Sampler, SamplerState, SampleOutput, _filter, apply_penalties
 
 V = 16
 
@@ -90,6 +90,44 @@ def test_top_k_and_top_p_combine_per_row_in_a_batch():
         for i, o in enumerate(sampler(x, states)):
             rows[i // n].add(o.token_id)
     assert rows == [{0}, {0, 1, 2, 3}]
+
+
+def _reference_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Top-k then top-p by their definitions, over a full sort of one row: probabilities."""
+    x = row / p.temperature
+    sorted_x, order = x.sort(descending=True)
+    keep = torch.ones_like(sorted_x, dtype=torch.bool)
+    if 0 < p.top_k < len(x):
+        keep[p.top_k:] = False
+    probs = sorted_x.masked_fill(~keep, float("-inf")).softmax(-1)
+    before = probs.cumsum(-1) - probs
+    keep &= before < p.top_p
+    out = torch.zeros_like(x)
+    out[order[keep]] = sorted_x[keep].softmax(-1)
+    return out
+
+
+def test_top_k_top_p_over_a_large_vocabulary_match_a_full_sort():
+    """The candidate shortcut against the definition, on rows that take each path: a peaked
+    row (nucleus inside the candidates), a flat row (nucleus wider than them), top_k above
+    and below the candidate count, top_k with top_p. Each row alone equals it in the batch."""
+    torch.manual_seed(0)
+    vocab = 4 * _CANDIDATES
+    peaked = torch.randn(vocab) * 6
+    flat = torch.randn(vocab) * 0.1
+    cases = [(peaked, SamplingParams(top_p=0.9)), (flat, SamplingParams(top_p=0.9)),
+             (flat, SamplingParams(top_k=_CANDIDATES + 50)), (peaked, SamplingParams(top_k=7, top_p=0.5)),
+             (flat, SamplingParams(top_k=_CANDIDATES, top_p=0.99)), (peaked, SamplingParams(temperature=0.7, top_p=0.99)),
+             (peaked, SamplingParams(temperature=2.0))]
+    rows = torch.stack([r for r, _ in cases])
+    params = [p for _, p in cases]
+    batched = _filter(rows, params)
+    for i, (row, p) in enumerate(cases):
+        want = _reference_filter(row, p)
+        assert torch.equal(batched[i] > 0, want > 0), f"case {i}: kept set differs"
+        torch.testing.assert_close(batched[i], want, rtol=1e-5, atol=1e-7)
+        assert torch.equal(_filter(row[None], [p])[0], batched[i]), f"case {i}: depends on the batch"
+    assert (batched[1] > 0).sum() > _CANDIDATES  # the flat nucleus really went past the candidates
 
 
 def _run(seed: int | None, steps: int = 30, batch_mates: int = 0) -> list[int]:
