@@ -5,7 +5,8 @@
 
 For each concurrency level C, sends --requests-per-level streaming chat completions with
 exactly C in flight (a pool of C workers), each a ~--prompt-tokens user prompt asking for
---max-tokens new tokens. Tokens are counted from the server's usage chunk
+--max-tokens new tokens (with ignore_eos, so an early end-of-turn cannot shrink a level's
+work). Tokens are counted from the server's usage chunk
 (stream_options.include_usage), not from chunks: a chunk may carry several tokens.
   TTFT   = request start -> first chunk with non-empty delta content
   ITL    = (last content chunk - first content chunk) / (completion_tokens - 1), per request;
@@ -102,7 +103,8 @@ async def one_request(client, args, prompt: str, max_tokens: int) -> RequestResu
             # which caps a one-process client near 2k chunks/s and would skew high levels.
             async with client.chat.completions.with_streaming_response.create(
                     model=args.model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                    temperature=args.temperature, stream=True, stream_options={"include_usage": True}) as resp:
+                    temperature=args.temperature, stream=True, stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True} if args.ignore_eos else None) as resp:
                 async for line in resp.iter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -333,6 +335,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default: %(default)s)")
     ap.add_argument("--prompt-tokens", type=int, default=200,
                     help="approximate prompt size in tokens; the server's count is reported (default: %(default)s)")
+    ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                    help="ask for exactly --max-tokens tokens per request (vLLM's ignore_eos extension, as its "
+                         "benchmarks do), so every level generates the same work; --no-ignore-eos for servers "
+                         "without it (default: on)")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: %(default)s)")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds one request may take in all, then it counts as failed (default: %(default)s)")
@@ -368,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the openai package is missing: .venv/bin/pip install 'openai>=3.51,<4'", file=sys.stderr)
         return 2
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), url=args.url, model=args.model,
-                prompt_tokens_target=args.prompt_tokens, max_tokens=args.max_tokens, temperature=args.temperature,
+                prompt_tokens_target=args.prompt_tokens, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+                temperature=args.temperature,
                 concurrency=args.concurrency, requests_per_level=args.requests_per_level, timeout_s=args.timeout,
                 client=dict(python=platform.python_version(), machine=platform.machine(), openai=openai.__version__))
     result: dict = dict(meta=meta, ttft_alone_ms=None, levels=[])

@@ -207,6 +207,16 @@ def test_max_tokens_gives_length(client):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
 
+def test_ignore_eos_runs_to_max_tokens(client):
+    """vLLM's extension, for benchmarks that need fixed output lengths."""
+    short = _chat(client, temperature=0, max_tokens=200)
+    assert short.choices[0].finish_reason == "stop"
+    n = short.usage.completion_tokens + 4
+    r = _chat(client, temperature=0, max_tokens=n, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == n
+    assert r.choices[0].message.content.startswith(short.choices[0].message.content)
+
+
 def test_stop_string(client):
     def complete(**kw):
         return client.completions.create(model=MODEL, prompt=LONG["prompt"], max_tokens=12, temperature=0, **kw)

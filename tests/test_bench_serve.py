@@ -27,6 +27,7 @@ class FakeHandler(BaseHTTPRequestHandler):
     `ttft` s pause; a request whose prompt contains `fail_tag` answers 500."""
 
     delay, ttft, per_chunk, fail_tag = 0.02, 0.05, 1, None
+    bodies: list[dict] = []  # every request body received, shared by the tests
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
@@ -49,6 +50,7 @@ class FakeHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append(req)
         prompt = req["messages"][0]["content"]
         if self.fail_tag and self.fail_tag in prompt:
             self.send_json({"error": {"message": "injected", "type": "server_error"}}, 500)
@@ -116,6 +118,16 @@ def test_itl_ttft_and_scaling(fake, tmp_path, capsys):
     assert 45 <= res["ttft_alone_ms"] <= 150
     out = capsys.readouterr().out
     assert "agg tok/s" in out and "TTFT alone" in out
+
+
+def test_ignore_eos_is_asked_for_unless_turned_off(fake, tmp_path):
+    url = fake()
+    FakeHandler.bodies.clear()
+    run_bench(url, tmp_path / "a.json")
+    assert FakeHandler.bodies and all(b.get("ignore_eos") is True for b in FakeHandler.bodies)
+    FakeHandler.bodies.clear()
+    run_bench(url, tmp_path / "b.json", "--no-ignore-eos")
+    assert FakeHandler.bodies and all("ignore_eos" not in b for b in FakeHandler.bodies)
 
 
 def test_multi_token_chunks_divide_the_gap(fake, tmp_path):

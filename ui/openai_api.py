@@ -140,7 +140,8 @@ def _jobs(engine: AsyncEngine, req: SamplingRequest, prompts: list[list[int]], m
         temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0), top_k=pick(req.top_k, 0),
         min_p=pick(req.min_p, 0.0), repetition_penalty=pick(req.repetition_penalty, 1.0),
         presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
-        seed=req.seed, stop=list(req.stop or []), logprobs=logprobs, max_tokens=max_tokens or 1)
+        seed=req.seed, stop=list(req.stop or []), logprobs=logprobs, max_tokens=max_tokens or 1,
+        ignore_eos=req.ignore_eos)
     jobs = []
     for p, ids in enumerate(prompts):
         # Like vLLM, no max_tokens means "the rest of the context".

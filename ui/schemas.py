@@ -80,6 +80,7 @@ class SamplingRequest(_Closed):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool = False  # generate max_tokens even past end-of-sequence (benchmarks)
 
     @field_validator("stop", mode="before")
     @classmethod
