@@ -53,6 +53,15 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=F
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
+def _blocks(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The cache blocks `table` names ([..., nb]), laid end to end: [..., nb * block_size, KVH, D].
+
+    index_select over whole flattened blocks: ~1.7x faster on CPU than `cache[table]`,
+    whose advanced indexing copies row by row (0.47 vs 0.80 ms for 16 x 27 blocks)."""
+    rows = cache.view(cache.shape[0], -1).index_select(0, table.reshape(-1))
+    return rows.view(*table.shape[:-1], table.shape[-1] * cache.shape[1], *cache.shape[2:])
+
+
 def _optional_backend(name: str):
     """The CUDA kernels are optional extras: import them only if asked, fall back to SDPA."""
     try:
@@ -106,9 +115,7 @@ class Attention(nn.Module):
 
     def _gather(self, table: torch.Tensor, ctx: int, k_cache, v_cache, block_size: int):
         blocks = table[: -(-ctx // block_size)]
-        ks = k_cache[blocks].flatten(0, 1)[:ctx]
-        vs = v_cache[blocks].flatten(0, 1)[:ctx]
-        return ks, vs
+        return _blocks(k_cache, blocks)[:ctx], _blocks(v_cache, blocks)[:ctx]
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention aligned bottom-right: query i sees keys up to len(k)-len(q)+i."""
@@ -135,7 +142,7 @@ class Attention(nn.Module):
         tables = meta.block_tables[:nd]
         max_len = meta.decode_len
         nblocks = -(-max_len // meta.block_size)
-        ks = k_cache[tables[:, :nblocks]].flatten(1, 2)[:, :max_len]  # [nd, L, KVH, D]
-        vs = v_cache[tables[:, :nblocks]].flatten(1, 2)[:, :max_len]
+        ks = _blocks(k_cache, tables[:, :nblocks])[:, :max_len]  # [nd, L, KVH, D]
+        vs = _blocks(v_cache, tables[:, :nblocks])[:, :max_len]
         o = _sdpa(q[:, :, None], ks.transpose(1, 2), vs.transpose(1, 2), mask=meta.decode_mask)
         return o[:, :, 0]
