@@ -39,6 +39,14 @@ def pool_blocks(cfg: EngineConfig, mcfg: ModelConfig) -> int:
     return max(1, int(budget // per_block))
 
 
+def _close_pipeline(runner) -> None:
+    """A pipeline the engine no longer uses (a re-plan replaced it): close its stage channel.
+    The local runner is kept; the master takes its layers back with it."""
+    if isinstance(runner, PipelineRunner):
+        runner.close()
+        log.info("closed the stage channel of the replaced pipeline")
+
+
 class ClusterManager:
     """Invariant: `plan` is what the engine's runner serves right now (None = the master
     serves alone, or nothing serves yet); it changes only inside `_replan`, one at a time."""
@@ -75,6 +83,7 @@ class ClusterManager:
         control.on_change = lambda node_id, event: self.poke()
         loop = asyncio.get_running_loop()
         aengine.on_stage_failure = lambda e: loop.call_soon_threadsafe(self.poke)
+        aengine.on_runner_retired = _close_pipeline
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster-manager")

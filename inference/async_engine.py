@@ -70,6 +70,10 @@ class AsyncEngine:
         self.unavailable: str | None = None
         self.on_stage_failure = None
         self._swap = None  # a runner waiting to replace the engine's at the next idle moment
+        self._swap_lock = threading.Lock()  # hands `_swap` from the event loop to the model thread
+        # Called with every runner the engine stops using (replaced, or superseded before it
+        # was installed), so its owner can close its connections; set by the cluster manager.
+        self.on_runner_retired = None
         self.finished = 0
         self.generated_tokens = 0
 
@@ -86,8 +90,19 @@ class AsyncEngine:
     def swap_runner(self, runner) -> None:
         """Replace the engine's runner (local model <-> pipeline) once no request is in
         flight; requests that arrive meanwhile wait for it. Clears `unavailable`."""
-        self._swap = runner
+        with self._swap_lock:
+            superseded, self._swap = self._swap, runner
+        if superseded is not None and superseded is not runner:
+            self._retire(superseded)
         self._wake.set()
+
+    def _retire(self, runner) -> None:
+        if self.on_runner_retired is None or (self.engine is not None and runner is self.engine.runner):
+            return
+        try:
+            self.on_runner_retired(runner)
+        except Exception:  # a failed close must not stop the model loop
+            log.exception("closing a replaced runner failed")
 
     def start(self) -> None:
         if self.engine is not None and self._thread is None:
@@ -192,7 +207,10 @@ class AsyncEngine:
                 self._drain_inbox()
                 if self._swap is not None and not self.engine.has_work:
                     # The pool is empty when idle, so no stale KV survives the swap.
-                    self.engine.runner, self._swap = self._swap, None
+                    with self._swap_lock:
+                        runner, self._swap = self._swap, None
+                    old, self.engine.runner = self.engine.runner, runner
+                    self._retire(old)
                     self.unavailable = None
                     log.info("engine runner swapped: %s", type(self.engine.runner).__name__)
                     continue

@@ -90,3 +90,36 @@ def test_errors_before_the_first_token(sync_engine):
             await aeng.shutdown()
 
     asyncio.run(main())
+
+
+def test_replaced_and_superseded_runners_are_retired_once(sync_engine):
+    """A re-plan swaps runners at an idle moment; every runner the engine stops using, and one
+    superseded before it was installed, goes to on_runner_retired exactly once (the cluster
+    manager closes its stage channel there). The runner in use never does."""
+    original = sync_engine.runner
+    a, b, c = object(), object(), object()
+    retired: list[object] = []
+
+    async def installed(runner) -> None:
+        while sync_engine.runner is not runner:
+            await asyncio.sleep(0.01)
+
+    async def main():
+        aeng = AsyncEngine(sync_engine, "smollm2")
+        aeng.on_runner_retired = retired.append
+        aeng.swap_runner(a)
+        aeng.swap_runner(b)  # the model thread is not running yet: a is never installed
+        aeng.start()
+        try:
+            await installed(b)
+            aeng.swap_runner(c)
+            await installed(c)
+            aeng.swap_runner(c)  # the runner in use: nothing to retire
+        finally:
+            await aeng.shutdown()
+
+    try:
+        asyncio.run(main())
+        assert retired == [a, original, b]
+    finally:
+        sync_engine.runner = original

@@ -166,3 +166,5 @@ def test_killed_worker_ends_the_request_and_a_new_one_restores_service(cluster, 
                        cluster["logs"] / "w3.log")
     wait_for(lambda: healthy(base), 120, "service with the replacement worker", list(procs.values()))
     assert chat(base, QUESTIONS[1]) == expected[1]
+    # The broken pipeline's gRPC channel was closed, not left to the garbage collector.
+    assert "closed the stage channel of the replaced pipeline" in procs["master"].text()
