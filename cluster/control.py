@@ -308,8 +308,7 @@ class ControlServer:
             log.warning("ignored ready for plan %d from %s (current plan %s)", msg.plan_id, conn.node_id, conn.plan_id)
             return
         conn.state, conn.ready = NodeState.READY, msg
-        conn.holding = Holding(model=a.model, start=a.start, end=a.end, num_layers=a.num_layers,
-                               num_blocks=a.num_blocks, block_size=a.block_size, dtype=a.dtype, loads=msg.loads)
+        conn.holding = Holding(**a.shard(), loads=msg.loads)
         self._update(conn.node_id, state=NodeState.READY, mem_used_bytes=msg.mem_used_bytes,
                      mem_free_bytes=msg.mem_free_bytes)
         log.info("worker %s ready with layers [%d, %d) of plan %d in %.1f s, %.2f GiB used",

@@ -60,13 +60,6 @@ class _Base(BaseModel):
     v: Literal[1] = PROTOCOL_VERSION
 
 
-def _check_span(m: Any) -> Any:
-    """A shard is a non-empty range [start, end) of a model with `num_layers` decoder layers."""
-    if not m.start < m.end <= m.num_layers:
-        raise ValueError("need 0 <= start < end <= num_layers")
-    return m
-
-
 class Capacity(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
     device: Annotated[str, Field(min_length=1, max_length=64)]
@@ -83,8 +76,9 @@ class Capacity(BaseModel):
         return self
 
 
-class Holding(BaseModel):
-    """What a worker already has loaded, sent on (re)register so a restarted master can adopt it."""
+class Shard(BaseModel):
+    """A non-empty range [start, end) of a model with `num_layers` decoder layers, and the KV
+    pool a stage keeps for it: what a master assigns and what a worker then holds."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
     model: ModelName
@@ -94,9 +88,22 @@ class Holding(BaseModel):
     num_blocks: Annotated[int, Field(ge=1, le=_MAX_INT)]
     block_size: Annotated[int, Field(ge=1, le=1 << 16)]
     dtype: DType
-    loads: Count  # how many shards this worker process has loaded so far
 
-    _span = model_validator(mode="after")(_check_span)
+    @model_validator(mode="after")
+    def _span(self) -> Shard:
+        if not self.start < self.end <= self.num_layers:
+            raise ValueError("need 0 <= start < end <= num_layers")
+        return self
+
+    def shard(self) -> dict[str, Any]:
+        """This message's shard fields, to build another Shard message from."""
+        return {name: getattr(self, name) for name in Shard.model_fields}
+
+
+class Holding(Shard):
+    """What a worker already has loaded, sent on (re)register so a restarted master can adopt it."""
+
+    loads: Count  # how many shards this worker process has loaded so far
 
 
 class Challenge(_Base):
@@ -128,19 +135,10 @@ class Refused(_Base):
     reason: Reason
 
 
-class Assign(_Base):
+class Assign(_Base, Shard):
     type: Literal["assign"] = "assign"
     plan_id: Count
-    model: ModelName
-    start: Layer
-    end: Layer
-    num_layers: Annotated[int, Field(ge=1, le=_MAX_LAYERS)]
-    num_blocks: Annotated[int, Field(ge=1, le=_MAX_INT)]
-    block_size: Annotated[int, Field(ge=1, le=1 << 16)]
-    dtype: DType
     next_hop: Annotated[str, Field(max_length=300)] | None = None  # None: the last stage answers the master
-
-    _span = model_validator(mode="after")(_check_span)
 
     @field_validator("next_hop")
     @classmethod

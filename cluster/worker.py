@@ -102,8 +102,7 @@ class Worker:
                     mem_free_bytes=psutil.virtual_memory().available)
 
     async def on_assign(self, a: Assign) -> Ready | Failed:
-        want = dict(model=a.model, start=a.start, end=a.end, num_layers=a.num_layers, num_blocks=a.num_blocks,
-                    block_size=a.block_size, dtype=a.dtype)
+        want = a.shard()
         weights = ("model", "start", "end", "num_layers", "dtype")
         t = time.perf_counter()
         try:
