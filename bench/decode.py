@@ -6,6 +6,7 @@ Both sides get the same chat prompt token ids and generate exactly `--tokens` ne
 greedily (end-of-turn ignored); tok/s = new tokens / wall time of the whole generation
 (prefill included), median over repeats. Prints a table; writes bench/results/decode.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,16 +58,23 @@ def main() -> None:
     for dtype in args.dtypes:
         engine = Engine(EngineConfig(dtype=dtype, max_batch=1, kv_cache_gb=0.25))
         ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                  dtype=getattr(torch, dtype)).eval()
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)
+        ).eval()
         time_ours(engine, ids, 8), time_hf(hf, ids, 8)  # warm-up
         ours, ref = [], []
         for _ in range(args.repeats):  # interleaved, so drifting machine load hits both
             ours.append(time_ours(engine, ids, args.tokens))
             ref.append(time_hf(hf, ids, args.tokens))
-        row = dict(dtype=dtype, prompt_tokens=len(ids), new_tokens=args.tokens,
-                   ours_tok_s=statistics.median(ours), hf_tok_s=statistics.median(ref),
-                   ours_runs=ours, hf_runs=ref)
+        row = dict(
+            dtype=dtype,
+            prompt_tokens=len(ids),
+            new_tokens=args.tokens,
+            ours_tok_s=statistics.median(ours),
+            hf_tok_s=statistics.median(ref),
+            ours_runs=ours,
+            hf_runs=ref,
+        )
         row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
         rows.append(row)
         del engine, hf
@@ -75,8 +83,13 @@ def main() -> None:
         print(f"{r['dtype']:<10}{r['ours_tok_s']:>12.1f}{r['hf_tok_s']:>12.1f}{r['ratio']:>8.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                repeats=args.repeats, metric="new tokens / wall time of generation, median")
+    meta = dict(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+        repeats=args.repeats,
+        metric="new tokens / wall time of generation, median",
+    )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
 

@@ -8,6 +8,7 @@
 3. Speed: a random ~1B Llama-shaped model in bfloat16; single-stream decode tok/s of our
    engine next to transformers' `generate`, and the aggregate at 16 concurrent sequences.
 Needs only torch, transformers, safetensors and tokenizers (no model download, no GGUF)."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ class NoText:
         return ""
 
 
-def make(path: Path, dtype: torch.dtype, **shape) -> "torch.nn.Module":
+def make(path: Path, dtype: torch.dtype, **shape) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(tie_word_embeddings=False, max_position_embeddings=4096, **shape)
@@ -52,8 +53,16 @@ def make(path: Path, dtype: torch.dtype, **shape) -> "torch.nn.Module":
 
 
 def parity(tmp: Path) -> dict:
-    hf = make(tmp / "tiny", torch.float32, vocab_size=512, hidden_size=256, intermediate_size=512,
-              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+    hf = make(
+        tmp / "tiny",
+        torch.float32,
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     loaded = load_model(str(tmp / "tiny"), "float32", "cuda")
     runner = ModelRunner(loaded.model, loaded.config, loaded.layers, 64, 16, torch.float32, "cuda")
     kv = KVCacheManager(64, 16)
@@ -78,14 +87,24 @@ def parity(tmp: Path) -> dict:
 
 
 def speed(tmp: Path, new_tokens: int) -> dict:
-    shape = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                 num_attention_heads=32, num_key_value_heads=8)
+    shape = dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    )
     hf = make(tmp / "1b", torch.bfloat16, **shape)
     prompt = list(range(1, 129))
     res = {}
     for attn in ("sdpa", "flash", "xformers"):
-        eng = Engine(EngineConfig(model=str(tmp / "1b"), dtype="bfloat16", device="cuda", attn=attn,
-                                  max_batch=16, kv_cache_gb=4), tokenizer=NoText())
+        eng = Engine(
+            EngineConfig(
+                model=str(tmp / "1b"), dtype="bfloat16", device="cuda", attn=attn, max_batch=16, kv_cache_gb=4
+            ),
+            tokenizer=NoText(),
+        )
         p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
         eng.generate([prompt], p)  # warm-up
         torch.cuda.synchronize()
@@ -95,8 +114,12 @@ def speed(tmp: Path, new_tokens: int) -> dict:
         t = time.perf_counter()
         many = eng.generate([prompt] * 16, p)
         agg = 16 * new_tokens / (time.perf_counter() - t)
-        res[attn] = dict(single_tok_s=single, batch16_tok_s=agg, tokens=toks[:16],
-                         batch_same_as_single=all(m[0] == toks for m in many))
+        res[attn] = dict(
+            single_tok_s=single,
+            batch16_tok_s=agg,
+            tokens=toks[:16],
+            batch_same_as_single=all(m[0] == toks for m in many),
+        )
         del eng
         torch.cuda.empty_cache()
     x = torch.tensor([prompt], device="cuda")
@@ -107,7 +130,7 @@ def speed(tmp: Path, new_tokens: int) -> dict:
         out = hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         torch.cuda.synchronize()
     res["hf_generate_tok_s"] = new_tokens / (time.perf_counter() - t)
-    res["hf_tokens"] = out[0, len(prompt):len(prompt) + 16].tolist()
+    res["hf_tokens"] = out[0, len(prompt) : len(prompt) + 16].tolist()
     res["ratio_sdpa_vs_hf"] = res["sdpa"]["single_tok_s"] / res["hf_generate_tok_s"]
     return res
 
@@ -120,8 +143,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: nothing to check")
     with tempfile.TemporaryDirectory() as d:
-        report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                      parity=parity(Path(d)), speed=speed(Path(d), args.tokens))
+        report = dict(
+            device=torch.cuda.get_device_name(),
+            torch=torch.__version__,
+            parity=parity(Path(d)),
+            speed=speed(Path(d), args.tokens),
+        )
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

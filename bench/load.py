@@ -5,6 +5,7 @@
 Each load runs in a fresh subprocess (so RSS is not polluted by the previous one) after
 the GGUF conversion cache exists. RSS is measured after the load minus before it (the
 interpreter with torch imported). Prints a table; writes bench/results/load.json."""
+
 from __future__ import annotations
 
 import argparse

@@ -15,6 +15,7 @@ work). Tokens are counted from the server's usage chunk
 Before the levels: two 1-token probes size the prompt (and warm the server up), then one
 request on the idle server gives "TTFT alone". Prints a table; writes bench/results/serve.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,9 +103,14 @@ async def one_request(client, args, prompt: str, max_tokens: int) -> RequestResu
             # here: building its pydantic chunk objects costs ~0.5 ms of client CPU a chunk,
             # which caps a one-process client near 2k chunks/s and would skew high levels.
             async with client.chat.completions.with_streaming_response.create(
-                    model=args.model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                    temperature=args.temperature, stream=True, stream_options={"include_usage": True},
-                    extra_body={"ignore_eos": True} if args.ignore_eos else None) as resp:
+                model=args.model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                temperature=args.temperature,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True} if args.ignore_eos else None,
+            ) as resp:
                 async for line in resp.iter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -169,8 +175,14 @@ def summarize(conc: int, results: list[RequestResult], wall: float) -> dict:
     tokens = sum(r.completion_tokens for r in ok)
     prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     return dict(
-        concurrency=conc, requests=len(results), ok=len(ok), failed=len(results) - len(ok), wall_s=wall,
-        completion_tokens=tokens, agg_tok_s=tokens / wall if wall > 0 else None, req_s=len(ok) / wall,
+        concurrency=conc,
+        requests=len(results),
+        ok=len(ok),
+        failed=len(results) - len(ok),
+        wall_s=wall,
+        completion_tokens=tokens,
+        agg_tok_s=tokens / wall if wall > 0 else None,
+        req_s=len(ok) / wall,
         ttft_ms={f"p{q}": ms(pct(ttft, q)) for q in (50, 95, 99)} | dict(max=ms(max(ttft, default=None))),
         itl_ms={f"p{q}": ms(pct(itl, q)) for q in (50, 95, 99)},
         chunk_gap_ms={f"p{q}": ms(pct(gaps, q)) for q in (50, 95, 99)} | dict(max=ms(max(gaps, default=None))),
@@ -179,10 +191,22 @@ def summarize(conc: int, results: list[RequestResult], wall: float) -> dict:
         short_completions=sum(r.finish_reason != "length" for r in ok),
         tokens_from_usage=all(r.tokens_from_usage for r in ok),
         errors=sorted({r.error for r in results if r.error})[:5],
-        per_request=[dict(ok=r.ok, error=r.error, ttft_ms=ms(r.ttft_s), itl_ms=ms(r.itl_s),
-                          latency_ms=ms(r.latency_s), prompt_tokens=r.prompt_tokens,
-                          completion_tokens=r.completion_tokens, finish_reason=r.finish_reason, chunks=r.chunks,
-                          gaps_ms=[round(g * 1000, 3) for g in r.gaps_s]) for r in results])
+        per_request=[
+            dict(
+                ok=r.ok,
+                error=r.error,
+                ttft_ms=ms(r.ttft_s),
+                itl_ms=ms(r.itl_s),
+                latency_ms=ms(r.latency_s),
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens,
+                finish_reason=r.finish_reason,
+                chunks=r.chunks,
+                gaps_ms=[round(g * 1000, 3) for g in r.gaps_s],
+            )
+            for r in results
+        ],
+    )
 
 
 async def check_server(client, args) -> None:
@@ -244,8 +268,9 @@ class ManagedServer:
         self.log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "app.py", "--port", str(self.port), *extra]
         print(f"starting: {shlex.join(cmd)} (log: {self.log.name})", file=sys.stderr)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_healthy(self, timeout: float) -> None:
         opener = direct_opener()
@@ -281,13 +306,17 @@ def print_table(levels: list[dict], alone_ms: float | None, load_ms: float | Non
     def f(x: float | None, spec: str = ".1f") -> str:
         return "-" if x is None else format(x, spec)
 
-    print(f"{'conc':>5}{'reqs':>6}{'agg tok/s':>11}{'speedup':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
-          f"{'ITL p50':>9}{'ITL p95':>9}{'failed':>8}")
+    print(
+        f"{'conc':>5}{'reqs':>6}{'agg tok/s':>11}{'speedup':>9}{'TTFT p50':>10}{'TTFT p95':>10}"
+        f"{'ITL p50':>9}{'ITL p95':>9}{'failed':>8}"
+    )
     for lv in levels:
         speedup = "-" if lv["speedup"] is None else f"{lv['speedup']:.2f}x"
-        print(f"{lv['concurrency']:>5}{lv['requests']:>6}{f(lv['agg_tok_s']):>11}{speedup:>9}"
-              f"{f(lv['ttft_ms']['p50']):>10}{f(lv['ttft_ms']['p95']):>10}{f(lv['itl_ms']['p50'], '.2f'):>9}"
-              f"{f(lv['itl_ms']['p95'], '.2f'):>9}{lv['failed']:>8}")
+        print(
+            f"{lv['concurrency']:>5}{lv['requests']:>6}{f(lv['agg_tok_s']):>11}{speedup:>9}"
+            f"{f(lv['ttft_ms']['p50']):>10}{f(lv['ttft_ms']['p95']):>10}{f(lv['itl_ms']['p50'], '.2f'):>9}"
+            f"{f(lv['itl_ms']['p95'], '.2f'):>9}{lv['failed']:>8}"
+        )
     if prompt["min"] is None:
         print("(latencies in ms) the server sent no usage: prompt size unknown, tokens counted one per chunk")
     else:
@@ -302,8 +331,9 @@ async def bench(args, result: dict) -> None:
     import openai
 
     http = openai.DefaultAsyncHttpxClient(trust_env=False)  # no proxy env: only ever the given URL
-    async with openai.AsyncOpenAI(base_url=args.url, api_key=args.api_key, max_retries=0,
-                                  timeout=args.timeout, http_client=http) as client:
+    async with openai.AsyncOpenAI(
+        base_url=args.url, api_key=args.api_key, max_retries=0, timeout=args.timeout, http_client=http
+    ) as client:
         await check_server(client, args)
         status = await asyncio.to_thread(get_json, args.url.removesuffix("/v1") + "/api/status", 5)
         result["meta"].update(model=args.model, server_status=status)
@@ -323,37 +353,79 @@ async def bench(args, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="bench/serve.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bench/serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--url", default="http://127.0.0.1:7860/v1", help="OpenAI API base URL (default: %(default)s)")
     ap.add_argument("--api-key", default="none", help="bearer key sent to the server (default: %(default)s)")
     ap.add_argument("--model", default=None, help="model id to request (default: the first id of GET /v1/models)")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32], metavar="C",
-                    help="requests in flight at a time, one level per value (default: 1 4 16 32)")
-    ap.add_argument("--requests-per-level", type=int, default=None, metavar="N",
-                    help="requests sent at each level (default: max(8, 2 x concurrency))")
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16, 32],
+        metavar="C",
+        help="requests in flight at a time, one level per value (default: 1 4 16 32)",
+    )
+    ap.add_argument(
+        "--requests-per-level",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests sent at each level (default: max(8, 2 x concurrency))",
+    )
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default: %(default)s)")
-    ap.add_argument("--prompt-tokens", type=int, default=200,
-                    help="approximate prompt size in tokens; the server's count is reported (default: %(default)s)")
-    ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                    help="ask for exactly --max-tokens tokens per request (vLLM's ignore_eos extension, as its "
-                         "benchmarks do), so every level generates the same work; --no-ignore-eos for servers "
-                         "without it (default: on)")
+    ap.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=200,
+        help="approximate prompt size in tokens; the server's count is reported (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask for exactly --max-tokens tokens per request (vLLM's ignore_eos extension, as its "
+        "benchmarks do), so every level generates the same work; --no-ignore-eos for servers "
+        "without it (default: on)",
+    )
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: %(default)s)")
-    ap.add_argument("--timeout", type=float, default=300.0,
-                    help="seconds one request may take in all, then it counts as failed (default: %(default)s)")
-    ap.add_argument("--max-seconds", type=float, default=3600.0,
-                    help="stop the whole run after this many seconds, keeping finished levels (default: %(default)s)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"),
-                    help="JSON results file (default: bench/results/serve.json)")
-    ap.add_argument("--start-server", action="store_true",
-                    help="start `python app.py --port P` on a free loopback port, wait for GET /healthz == 200, "
-                         "benchmark it (--url is then ignored) and stop it at the end")
-    ap.add_argument("--server-args", default="", metavar="ARGS",
-                    help='extra app.py flags for --start-server, one string: "--max-batch 32 --dtype bfloat16"; '
-                         "a --api-key other than 'none' is passed on too")
-    ap.add_argument("--server-timeout", type=float, default=600.0,
-                    help="seconds to wait for a --start-server server to become healthy (default: %(default)s)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds one request may take in all, then it counts as failed (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=3600.0,
+        help="stop the whole run after this many seconds, keeping finished levels (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).parent / "results" / "serve.json"),
+        help="JSON results file (default: bench/results/serve.json)",
+    )
+    ap.add_argument(
+        "--start-server",
+        action="store_true",
+        help="start `python app.py --port P` on a free loopback port, wait for GET /healthz == 200, "
+        "benchmark it (--url is then ignored) and stop it at the end",
+    )
+    ap.add_argument(
+        "--server-args",
+        default="",
+        metavar="ARGS",
+        help='extra app.py flags for --start-server, one string: "--max-batch 32 --dtype bfloat16"; '
+        "a --api-key other than 'none' is passed on too",
+    )
+    ap.add_argument(
+        "--server-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for a --start-server server to become healthy (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     for name in ("max_tokens", "prompt_tokens", "requests_per_level", "timeout", "max_seconds", "server_timeout"):
         if (v := getattr(args, name)) is not None and v <= 0:
@@ -373,11 +445,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: the openai package is missing: .venv/bin/pip install 'openai>=3.51,<4'", file=sys.stderr)
         return 2
-    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), url=args.url, model=args.model,
-                prompt_tokens_target=args.prompt_tokens, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-                temperature=args.temperature,
-                concurrency=args.concurrency, requests_per_level=args.requests_per_level, timeout_s=args.timeout,
-                client=dict(python=platform.python_version(), machine=platform.machine(), openai=openai.__version__))
+    meta = dict(
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
+        url=args.url,
+        model=args.model,
+        prompt_tokens_target=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos,
+        temperature=args.temperature,
+        concurrency=args.concurrency,
+        requests_per_level=args.requests_per_level,
+        timeout_s=args.timeout,
+        client=dict(python=platform.python_version(), machine=platform.machine(), openai=openai.__version__),
+    )
     result: dict = dict(meta=meta, ttft_alone_ms=None, levels=[])
     server, failed, rc = None, True, 1
     try:
@@ -408,8 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         lv["speedup"] = lv["agg_tok_s"] / base if base and lv["agg_tok_s"] is not None else None
     load = next((lv for lv in levels if lv["concurrency"] == LOAD_LEVEL), None)
     result["ttft_under_load_ms"] = load["ttft_ms"]["p50"] if load else None
-    prompt = dict(min=min((p for lv in levels if (p := lv["prompt_tokens"]["min"]) is not None), default=None),
-                  max=max((p for lv in levels if (p := lv["prompt_tokens"]["max"]) is not None), default=None))
+    prompt = dict(
+        min=min((p for lv in levels if (p := lv["prompt_tokens"]["min"]) is not None), default=None),
+        max=max((p for lv in levels if (p := lv["prompt_tokens"]["max"]) is not None), default=None),
+    )
     meta.update(prompt_tokens=prompt, incomplete=failed)
     print_table(levels, result["ttft_alone_ms"], result["ttft_under_load_ms"], prompt)
     out = Path(args.out)

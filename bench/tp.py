@@ -11,6 +11,7 @@
 3. Decode tok/s at TP 1 vs TP N (greedy, same prompts, same run).
 Prints a table; writes bench/results/tp.json. On a machine with fewer cores than ranks, TP
 is slower than one process: the numbers say how much, and where the time goes."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,12 @@ from inference.loader import read_config  # noqa: E402
 from inference.model_source import resolve_model  # noqa: E402
 from inference.tp_runner import tp_engine  # noqa: E402
 
-PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
-           "Explain why the sky is blue."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write a haiku about the sea.",
+    "Explain why the sky is blue.",
+]
 
 
 def bytes_per_token(hidden: int, layers: int, vocab: int, tp: int, itemsize: int) -> dict:
@@ -69,7 +74,9 @@ def allreduce_rank(rank: int, world: int, port: int, numel: int, repeats: int) -
         dist.all_reduce(t)
         times.append(time.perf_counter() - s)
     if rank == 0:
-        print(json.dumps(dict(median_us=statistics.median(times) * 1e6, p90_us=sorted(times)[int(0.9 * repeats)] * 1e6)))
+        print(
+            json.dumps(dict(median_us=statistics.median(times) * 1e6, p90_us=sorted(times)[int(0.9 * repeats)] * 1e6))
+        )
     dist.destroy_process_group()
 
 
@@ -79,8 +86,23 @@ def isolated_allreduce(world: int, numel: int, repeats: int = 300) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = lambda r: [sys.executable, __file__, "--allreduce-rank", str(r), "--tp", str(world), "--port", str(port),
-                     "--numel", str(numel), "--repeats", str(repeats)]  # noqa: E731
+
+    def cmd(r: int) -> list[str]:
+        return [
+            sys.executable,
+            __file__,
+            "--allreduce-rank",
+            str(r),
+            "--tp",
+            str(world),
+            "--port",
+            str(port),
+            "--numel",
+            str(numel),
+            "--repeats",
+            str(repeats),
+        ]
+
     procs = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, text=True) for r in range(world)]
     out = procs[0].communicate(timeout=300)[0]
     for p in procs[1:]:
@@ -128,8 +150,11 @@ def decode_run(engine: Engine, prompts: list[list[int]], tokens: int, timer: All
     wall = time.perf_counter() - start
     out = dict(tok_s=made / wall, step_ms=wall / steps * 1e3, steps=steps)
     if timer:
-        out.update(allreduce_ms_per_step=timer.seconds / steps * 1e3, allreduces_per_step=timer.calls / steps,
-                   allreduce_share=timer.seconds / wall)
+        out.update(
+            allreduce_ms_per_step=timer.seconds / steps * 1e3,
+            allreduces_per_step=timer.calls / steps,
+            allreduce_share=timer.seconds / wall,
+        )
     return out
 
 
@@ -165,31 +190,55 @@ def main() -> int:
     finally:
         tpn_engine.runner.close()
     for b in args.batch:
-        rows.append(dict(batch=b, tp1_tok_s=tp1[b]["tok_s"], tpn_tok_s=tpn[b]["tok_s"], tp1_step_ms=tp1[b]["step_ms"],
-                         tpn_step_ms=tpn[b]["step_ms"], allreduce_ms_per_step=tpn[b]["allreduce_ms_per_step"],
-                         allreduces_per_step=tpn[b]["allreduces_per_step"], allreduce_share=tpn[b]["allreduce_share"],
-                         isolated_allreduce_us=iso[b]["median_us"]))
+        rows.append(
+            dict(
+                batch=b,
+                tp1_tok_s=tp1[b]["tok_s"],
+                tpn_tok_s=tpn[b]["tok_s"],
+                tp1_step_ms=tp1[b]["step_ms"],
+                tpn_step_ms=tpn[b]["step_ms"],
+                allreduce_ms_per_step=tpn[b]["allreduce_ms_per_step"],
+                allreduces_per_step=tpn[b]["allreduces_per_step"],
+                allreduce_share=tpn[b]["allreduce_share"],
+                isolated_allreduce_us=iso[b]["median_us"],
+            )
+        )
 
     n = args.tp
     load = os.getloadavg()[0]  # other work on the machine skews every number below
-    print(f"default model (SmolLM2-135M, {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, vocab "
-          f"{mcfg.vocab_size}), float32, TP {n} over gloo on loopback, {os.cpu_count()} CPU cores, "
-          f"load average {load:.1f}")
-    print(f"all-reduce payload per token: {nbytes['formula_allreduce']} = {nbytes['allreduce_payload']:,} B "
-          f"({nbytes['allreduces_per_step']} all-reduces a step); ring wire bytes per rank x2(N-1)/N = "
-          f"{nbytes['allreduce_wire_per_rank']:,} B")
+    print(
+        f"default model (SmolLM2-135M, {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, vocab "
+        f"{mcfg.vocab_size}), float32, TP {n} over gloo on loopback, {os.cpu_count()} CPU cores, "
+        f"load average {load:.1f}"
+    )
+    print(
+        f"all-reduce payload per token: {nbytes['formula_allreduce']} = {nbytes['allreduce_payload']:,} B "
+        f"({nbytes['allreduces_per_step']} all-reduces a step); ring wire bytes per rank x2(N-1)/N = "
+        f"{nbytes['allreduce_wire_per_rank']:,} B"
+    )
     print(f"logits gather per sampled token: {nbytes['formula_gather']} = {nbytes['logits_gather']:,} B")
     print()
-    head = (f"{'batch':>5} {'TP1 tok/s':>10} {'TP' + str(n) + ' tok/s':>10} {'TP1 ms/step':>12} "
-            f"{'TP' + str(n) + ' ms/step':>12} {'allreduce ms/step':>18} {'share':>6} {'isolated us/AR':>15}")
+    head = (
+        f"{'batch':>5} {'TP1 tok/s':>10} {'TP' + str(n) + ' tok/s':>10} {'TP1 ms/step':>12} "
+        f"{'TP' + str(n) + ' ms/step':>12} {'allreduce ms/step':>18} {'share':>6} {'isolated us/AR':>15}"
+    )
     print(head)
     for r in rows:
-        print(f"{r['batch']:>5} {r['tp1_tok_s']:>10.1f} {r['tpn_tok_s']:>10.1f} {r['tp1_step_ms']:>12.1f} "
-              f"{r['tpn_step_ms']:>12.1f} {r['allreduce_ms_per_step']:>18.1f} {r['allreduce_share']:>6.0%} "
-              f"{r['isolated_allreduce_us']:>15.0f}")
-    out = dict(model="smollm2", dtype="float32", tp=n, cpu_cores=os.cpu_count(), load_average=round(load, 2),
-               tokens=args.tokens,
-               bytes_per_token=nbytes, rows=rows)
+        print(
+            f"{r['batch']:>5} {r['tp1_tok_s']:>10.1f} {r['tpn_tok_s']:>10.1f} {r['tp1_step_ms']:>12.1f} "
+            f"{r['tpn_step_ms']:>12.1f} {r['allreduce_ms_per_step']:>18.1f} {r['allreduce_share']:>6.0%} "
+            f"{r['isolated_allreduce_us']:>15.0f}"
+        )
+    out = dict(
+        model="smollm2",
+        dtype="float32",
+        tp=n,
+        cpu_cores=os.cpu_count(),
+        load_average=round(load, 2),
+        tokens=args.tokens,
+        bytes_per_token=nbytes,
+        rows=rows,
+    )
     path = ROOT / "bench" / "results" / "tp.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {path.relative_to(ROOT)}")

@@ -9,90 +9,43 @@ The worker side is `control_client.ControlClient`.
 
 Message schemas and size limits live in control_messages.py; nothing here touches a
 peer's bytes before `parse()` has validated them."""
+
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .control_messages import (Assign, Capacity, Challenge, Drain, Failed, Heartbeat, HeartbeatAck, Holding,
-                               Message, ProtocolError, Ready, Refused, Register, Registered, Status, dump, parse)
+from .control_messages import (
+    CLOSE_POLICY,
+    CLOSE_TRY_LATER,
+    Assign,
+    Challenge,
+    Drain,
+    Failed,
+    Heartbeat,
+    HeartbeatAck,
+    Holding,
+    Message,
+    ProtocolError,
+    Ready,
+    Refused,
+    Register,
+    Registered,
+    Status,
+    auth_digest,
+    dump,
+    parse,
+)
 from .registry import NodeInfo, NodeRegistry, NodeState
+from .worker_conn import ControlError, LoadFailed, LoadTimeout, WorkerConn, WorkerLost, settle
 
 log = logging.getLogger(__name__)
-
-CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER = 1008, 1009, 1013
-_MAX_PINGS = 32  # unanswered heartbeats remembered for RTT; older ones are forgotten
-
-
-def auth_digest(join_token: str, nonce: str, node_id: str) -> str:
-    """What a worker sends instead of the token: HMAC-SHA256(token, nonce + node_id), hex."""
-    return hmac.new(join_token.encode(), (nonce + node_id).encode(), hashlib.sha256).hexdigest()
-
-
-class ControlError(RuntimeError):
-    """A worker could not do what the master asked. `node_id` names it."""
-
-    def __init__(self, node_id: str, message: str):
-        super().__init__(message)
-        self.node_id = node_id
-
-
-class WorkerLost(ControlError):
-    """The worker disconnected, went silent, or was drained before answering."""
-
-
-class LoadFailed(ControlError):
-    """The worker answered `failed` to an assign."""
-
-
-class LoadTimeout(ControlError):
-    """The worker did not report ready within the caller's timeout (it may still be loading)."""
-
-
-@dataclass(slots=True, eq=False)
-class WorkerConn:
-    """One registered worker connection. Invariant: while it is the current connection for
-    its node_id, `state` equals the state of that node in the registry; `closed` is set once,
-    when the socket is gone, and a closed connection never becomes current again."""
-
-    node_id: str
-    grpc_address: str
-    capacity: Capacity
-    holding: Holding | None  # what the worker held when it registered; updated when it reports ready
-    peer: str
-    ws: WebSocket = field(repr=False)
-    last_seen: float  # time.monotonic() of the last message from the worker
-    state: NodeState = NodeState.JOINING
-    rtt_ms: float | None = None
-    plan_id: int | None = None  # the assign being loaded or served
-    assigned: Assign | None = None
-    ready: Ready | None = None
-    status: Status | None = None
-    closed: bool = False
-    outcome: asyncio.Future | None = field(default=None, repr=False)  # Ready, or an exception, for plan_id
-    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
-    pings: dict[int, float] = field(default_factory=dict, repr=False)
-    seq: int = 0
-    # The master address this worker's control connection reached: an address the worker can
-    # route to, so the ring's last stage can send results back to it (see --advertise-host).
-    master_host: str | None = None
-
-
-def _settle(fut: asyncio.Future | None, result: Ready | None = None, error: Exception | None = None) -> None:
-    if fut is None or fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
 
 
 class ControlServer:
@@ -100,9 +53,18 @@ class ControlServer:
     connections, one per node_id, in join order; a node id is never served twice at once.
     Not thread-safe: call its methods on the event loop that runs handle()."""
 
-    def __init__(self, registry: NodeRegistry, join_token: str | None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 5.0, loading_timeout: float = 600.0, model_name: str = "",
-                 handshake_timeout: float = 10.0, max_connections: int = 256):
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        join_token: str | None,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 5.0,
+        loading_timeout: float = 600.0,
+        model_name: str = "",
+        handshake_timeout: float = 10.0,
+        max_connections: int = 256,
+        on_change: Callable[[str, str], None] | None = None,
+    ):
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         self.registry = registry
@@ -113,12 +75,14 @@ class ControlServer:
         self.model_name = model_name  # shown for workers that hold nothing yet
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
-        # Called as on_change(node_id, event), event in {"registered", "ready", "failed", "lost"}.
-        self.on_change: Callable[[str, str], None] | None = None
+        # Called as on_change(node_id, event), event in {"registered", "ready", "failed", "lost"},
+        # on the event loop; an exception it raises is logged, never propagated.
+        self.on_change = on_change
         self._conns: dict[str, WorkerConn] = {}
         self._open = 0  # sockets accepted, registered or not (the cap counts both)
+        self._tasks: set[asyncio.Task] = set()  # fire-and-forget closes, kept from garbage collection
 
-    # ---- public API for the lead ----
+    # ---- public API (the cluster manager's) ----
     def workers(self) -> list[WorkerConn]:
         return list(self._conns.values())
 
@@ -130,13 +94,20 @@ class ControlServer:
 
     async def assign(self, node_id: str, msg: Assign) -> None:
         conn = self._conn(node_id)
-        _settle(conn.outcome, error=WorkerLost(node_id, f"plan {conn.plan_id} superseded by plan {msg.plan_id}"))
+        settle(conn.outcome, error=WorkerLost(node_id, f"plan {conn.plan_id} superseded by plan {msg.plan_id}"))
         conn.outcome = asyncio.get_running_loop().create_future()
         conn.outcome.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" noise
         conn.plan_id, conn.assigned, conn.ready, conn.state = msg.plan_id, msg, None, NodeState.LOADING
         self._update(node_id, state=NodeState.LOADING, model=msg.model, layer_start=msg.start, layer_end=msg.end)
-        log.info("assigning plan %d to %s: %s layers [%d, %d), next hop %s",
-                 msg.plan_id, node_id, msg.model, msg.start, msg.end, msg.next_hop or "master")
+        log.info(
+            "assigning plan %d to %s: %s layers [%d, %d), next hop %s",
+            msg.plan_id,
+            node_id,
+            msg.model,
+            msg.start,
+            msg.end,
+            msg.next_hop or "master",
+        )
         if not await self._send(conn, msg):
             raise WorkerLost(node_id, f"could not send assign to {node_id}")
 
@@ -147,12 +118,13 @@ class ControlServer:
         try:
             return await asyncio.wait_for(asyncio.shield(conn.outcome), timeout)
         except TimeoutError:
-            raise LoadTimeout(node_id, f"worker {node_id} did not report ready for plan {plan_id} "
-                                       f"within {timeout:.0f} s") from None
+            raise LoadTimeout(
+                node_id, f"worker {node_id} did not report ready for plan {plan_id} within {timeout:.0f} s"
+            ) from None
 
     async def drain(self, node_id: str, reason: str) -> None:
         conn = self._conn(node_id)
-        _settle(conn.outcome, error=WorkerLost(node_id, f"worker {node_id} drained: {reason}"))
+        settle(conn.outcome, error=WorkerLost(node_id, f"worker {node_id} drained: {reason}"))
         conn.plan_id = conn.assigned = conn.ready = conn.holding = None
         conn.state = NodeState.JOINING
         self._update(node_id, state=NodeState.JOINING, layer_start=0, layer_end=0, model=self.model_name)
@@ -217,9 +189,15 @@ class ControlServer:
         if not isinstance(msg, Register):
             raise ProtocolError(f"expected register, got {msg.type}")
         if self.join_token is not None:
-            bad = "no token given" if not msg.auth else (
-                None if hmac.compare_digest(auth_digest(self.join_token, nonce, msg.node_id), msg.auth)
-                else "wrong token")
+            bad = (
+                "no token given"
+                if not msg.auth
+                else (
+                    None
+                    if hmac.compare_digest(auth_digest(self.join_token, nonce, msg.node_id), msg.auth)
+                    else "wrong token"
+                )
+            )
             if bad:
                 log.warning("refused worker %s from %s: bad join token (%s)", msg.node_id, peer, bad)
                 await self._refuse(ws, "bad join token", CLOSE_POLICY)
@@ -232,22 +210,52 @@ class ControlServer:
             return None
         if old is not None:  # its socket is dead or silent: the new connection replaces it
             self._drop(old, "replaced by a new connection")
-            asyncio.create_task(self._close(old.ws, 1000))
-        conn = WorkerConn(node_id=msg.node_id, grpc_address=msg.grpc_address, capacity=msg.capacity,
-                          holding=msg.holding, peer=peer, ws=ws, last_seen=now,
-                          master_host=(ws.scope.get("server") or (None,))[0])
+            self._spawn(self._close(old.ws, 1000))
+        conn = WorkerConn(
+            node_id=msg.node_id,
+            grpc_address=msg.grpc_address,
+            capacity=msg.capacity,
+            holding=msg.holding,
+            peer=peer,
+            ws=ws,
+            last_seen=now,
+            master_host=(ws.scope.get("server") or (None,))[0],
+        )
         h, cap = msg.holding, msg.capacity
         self._conns[msg.node_id] = conn
-        self.registry.add(NodeInfo(
-            node_id=msg.node_id, address=msg.grpc_address, backend="torch", device=cap.device,
-            model=h.model if h else self.model_name, layer_start=h.start if h else 0, layer_end=h.end if h else 0,
-            mem_used_bytes=cap.total_bytes - cap.free_bytes, mem_free_bytes=cap.free_bytes,
-            state=NodeState.JOINING, last_heartbeat=now))
-        await self._send(conn, Registered(node_id=msg.node_id, heartbeat_interval=self.heartbeat_interval,
-                                          heartbeat_timeout=self.heartbeat_timeout))
-        log.info("worker %s registered from %s: grpc %s, %s, %.2f GiB free, %.1f GFLOP/s, holding %s",
-                 msg.node_id, peer, msg.grpc_address, cap.device, cap.free_bytes / 2**30, cap.matmul_gflops,
-                 f"{h.model} [{h.start}, {h.end})" if h else "nothing")
+        self.registry.add(
+            NodeInfo(
+                node_id=msg.node_id,
+                address=msg.grpc_address,
+                backend="torch",
+                device=cap.device,
+                model=h.model if h else self.model_name,
+                layer_start=h.start if h else 0,
+                layer_end=h.end if h else 0,
+                mem_used_bytes=cap.total_bytes - cap.free_bytes,
+                mem_free_bytes=cap.free_bytes,
+                state=NodeState.JOINING,
+                last_heartbeat=now,
+            )
+        )
+        await self._send(
+            conn,
+            Registered(
+                node_id=msg.node_id,
+                heartbeat_interval=self.heartbeat_interval,
+                heartbeat_timeout=self.heartbeat_timeout,
+            ),
+        )
+        log.info(
+            "worker %s registered from %s: grpc %s, %s, %.2f GiB free, %.1f GFLOP/s, holding %s",
+            msg.node_id,
+            peer,
+            msg.grpc_address,
+            cap.device,
+            cap.free_bytes / 2**30,
+            cap.matmul_gflops,
+            f"{h.model} [{h.start}, {h.end})" if h else "nothing",
+        )
         self._notify(msg.node_id, "registered")
         return conn
 
@@ -271,19 +279,16 @@ class ControlServer:
             if isinstance(msg, Heartbeat):
                 await self._send(conn, HeartbeatAck(seq=msg.seq))
             elif isinstance(msg, HeartbeatAck):
-                sent = conn.pings.pop(msg.seq, None)
-                if sent is not None:
-                    conn.rtt_ms = (now - sent) * 1000
+                conn.pings.acked(msg.seq, now)
             elif isinstance(msg, Ready):
                 self._on_ready(conn, msg)
             elif isinstance(msg, Failed):
                 self._on_failed(conn, msg)
             elif isinstance(msg, Status):
-                conn.status = msg
                 self._update(conn.node_id, mem_used_bytes=msg.mem_used_bytes, mem_free_bytes=msg.mem_free_bytes)
             else:
                 raise ProtocolError(f"unexpected {msg.type} from a worker")
-            self._update(conn.node_id, last_heartbeat=now, rtt_ms=conn.rtt_ms)
+            self._update(conn.node_id, last_heartbeat=now, rtt_ms=conn.pings.rtt_ms)
 
     async def _beat(self, conn: WorkerConn) -> str:
         tick = min(self.heartbeat_interval, self.heartbeat_timeout / 5)
@@ -295,11 +300,8 @@ class ControlServer:
             if silent > self._limit(conn):
                 return f"no heartbeat for {silent:.1f} s"
             if now - last_sent >= self.heartbeat_interval:
-                conn.seq += 1
-                conn.pings[conn.seq] = last_sent = now
-                if len(conn.pings) > _MAX_PINGS:
-                    del conn.pings[min(conn.pings)]
-                if not await self._send(conn, Heartbeat(seq=conn.seq, sent_at=now)):
+                last_sent = now
+                if not await self._send(conn, Heartbeat(seq=conn.pings.sent(now), sent_at=now)):
                     return "send failed"
 
     def _on_ready(self, conn: WorkerConn, msg: Ready) -> None:
@@ -309,11 +311,19 @@ class ControlServer:
             return
         conn.state, conn.ready = NodeState.READY, msg
         conn.holding = Holding(**a.shard(), loads=msg.loads)
-        self._update(conn.node_id, state=NodeState.READY, mem_used_bytes=msg.mem_used_bytes,
-                     mem_free_bytes=msg.mem_free_bytes)
-        log.info("worker %s ready with layers [%d, %d) of plan %d in %.1f s, %.2f GiB used",
-                 conn.node_id, a.start, a.end, msg.plan_id, msg.load_seconds, msg.mem_used_bytes / 2**30)
-        _settle(conn.outcome, msg)
+        self._update(
+            conn.node_id, state=NodeState.READY, mem_used_bytes=msg.mem_used_bytes, mem_free_bytes=msg.mem_free_bytes
+        )
+        log.info(
+            "worker %s ready with layers [%d, %d) of plan %d in %.1f s, %.2f GiB used",
+            conn.node_id,
+            a.start,
+            a.end,
+            msg.plan_id,
+            msg.load_seconds,
+            msg.mem_used_bytes / 2**30,
+        )
+        settle(conn.outcome, msg)
         self._notify(conn.node_id, "ready")
 
     def _on_failed(self, conn: WorkerConn, msg: Failed) -> None:
@@ -323,13 +333,13 @@ class ControlServer:
         conn.state, conn.assigned, conn.holding = NodeState.JOINING, None, None
         self._update(conn.node_id, state=NodeState.JOINING, layer_start=0, layer_end=0)
         log.error("worker %s failed to load plan %d: %s", conn.node_id, msg.plan_id, msg.reason)
-        _settle(conn.outcome, error=LoadFailed(conn.node_id, f"worker {conn.node_id}: {msg.reason}"))
+        settle(conn.outcome, error=LoadFailed(conn.node_id, f"worker {conn.node_id}: {msg.reason}"))
         self._notify(conn.node_id, "failed")
 
     def _drop(self, conn: WorkerConn, why: str) -> None:
-        """The connection is over: if it was current, the node is LOST and the lead hears of it."""
+        """The connection is over: if it was current, the node is LOST and on_change hears of it."""
         conn.closed = True
-        _settle(conn.outcome, error=WorkerLost(conn.node_id, f"worker {conn.node_id} lost: {why}"))
+        settle(conn.outcome, error=WorkerLost(conn.node_id, f"worker {conn.node_id} lost: {why}"))
         if self._conns.get(conn.node_id) is not conn:
             return
         del self._conns[conn.node_id]
@@ -347,7 +357,7 @@ class ControlServer:
     def _update(self, node_id: str, **changes) -> None:
         try:
             self.registry.update(node_id, **changes)
-        except KeyError:  # the lead removed the node; the connection's state is all we keep
+        except KeyError:  # rows are never removed, but a missing one must not cost the connection
             pass
 
     def _notify(self, node_id: str, event: str) -> None:
@@ -357,6 +367,11 @@ class ControlServer:
             self.on_change(node_id, event)
         except Exception:
             log.exception("on_change(%s, %s) failed", node_id, event)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _recv(self, ws: WebSocket) -> Message | None:
         frame = await ws.receive()

@@ -3,6 +3,7 @@ registers (proving the join token by HMAC, see `auth_digest`), answers heartbeat
 the master's assign/drain commands as a background task, so a shard that takes minutes to
 load never stops the heartbeats. On any disconnect it retries forever with capped
 exponential backoff, rotating through the master URLs (DNS is resolved on every connect)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,9 +17,26 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from .control import CLOSE_TOO_BIG, _MAX_PINGS, auth_digest
-from .control_messages import (MAX_MESSAGE_BYTES, Assign, Challenge, Drain, Failed, Heartbeat, HeartbeatAck,
-                               ProtocolError, Ready, Refused, Register, Registered, Status, dump, parse)
+from .control_messages import (
+    CLOSE_TOO_BIG,
+    MAX_MESSAGE_BYTES,
+    Assign,
+    Challenge,
+    Drain,
+    Failed,
+    Heartbeat,
+    HeartbeatAck,
+    ProtocolError,
+    Ready,
+    Refused,
+    Register,
+    Registered,
+    Status,
+    auth_digest,
+    dump,
+    parse,
+)
+from .heartbeat import PingTracker
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +59,19 @@ class ControlClient:
     late answer to the old master's plan must never reach the new one (the next register
     reports the finished load as `holding` instead)."""
 
-    def __init__(self, master_urls: list[str], node_id: str, join_token: str | None,
-                 register_payload: Callable[[], dict],
-                 on_assign: Callable[[Assign], Awaitable[Ready | Failed]],
-                 on_drain: Callable[[str], Awaitable[None]],
-                 status_payload: Callable[[], dict] | None = None,
-                 backoff_initial: float = 1.0, backoff_max: float = 30.0, handshake_timeout: float = 10.0):
+    def __init__(
+        self,
+        master_urls: list[str],
+        node_id: str,
+        join_token: str | None,
+        register_payload: Callable[[], dict],
+        on_assign: Callable[[Assign], Awaitable[Ready | Failed]],
+        on_drain: Callable[[str], Awaitable[None]],
+        status_payload: Callable[[], dict] | None = None,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 30.0,
+        handshake_timeout: float = 10.0,
+    ):
         if not master_urls:
             raise ValueError("at least one master URL is needed")
         if not 0 < backoff_initial <= backoff_max:
@@ -61,7 +86,6 @@ class ControlClient:
         self.connected = asyncio.Event()  # set while registered with a master
         self.last_refusal: str | None = None
         self.master_url: str | None = None  # the URL of the current (or last) session
-        self.rtt_ms: float | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session = 0  # generation of the current connection attempt
@@ -69,7 +93,12 @@ class ControlClient:
         self._commands: asyncio.Queue[tuple[int, Assign | Drain]] = asyncio.Queue(maxsize=16)
         self._ws: ClientConnection | None = None  # set while registered
         self._last_seen = 0.0  # monotonic time of the last message from the master
-        self._pings: dict[int, float] = {}  # heartbeat seq -> monotonic send time
+        self._pings = PingTracker()  # our heartbeats to the master; restarted with each session
+
+    @property
+    def rtt_ms(self) -> float | None:
+        """Round trip of the last acked heartbeat, in ms (kept across reconnects); None before any."""
+        return self._pings.rtt_ms
 
     def stop(self) -> None:
         """Close the session and make run() return; safe from any thread."""
@@ -112,15 +141,22 @@ class ControlClient:
         gen = self._session
         self.master_url = url
         try:
-            async with connect(url, max_size=MAX_MESSAGE_BYTES, ping_interval=None, compression=None,
-                               proxy=None, open_timeout=self.handshake_timeout, close_timeout=2) as ws:
+            async with connect(
+                url,
+                max_size=MAX_MESSAGE_BYTES,
+                ping_interval=None,
+                compression=None,
+                proxy=None,
+                open_timeout=self.handshake_timeout,
+                close_timeout=2,
+            ) as ws:
                 try:
                     await self._session_loop(ws, url, gen)
                 except ProtocolError as e:
                     log.error("master %s sent a bad message: %s", url, e.reason)
                     await ws.close(e.close_code, e.reason[:120])
         except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as e:
-            log.warning("cannot reach master %s: %s", url, e or type(e).__name__)
+            log.warning("cannot reach master %s: %s", url, str(e) or type(e).__name__)
         except ConnectionClosed as e:
             if e.sent is not None and e.sent.code == CLOSE_TOO_BIG:  # websockets enforced max_size for us
                 log.error("master %s sent a message over %d bytes; reconnecting", url, MAX_MESSAGE_BYTES)
@@ -150,14 +186,18 @@ class ControlClient:
         if not isinstance(reply, Registered):
             raise ProtocolError(f"expected registered, got {reply.type}")
         self._registered_in, self.last_refusal = gen, None
-        self._ws, self._pings = ws, {}
+        self._ws = ws
+        self._pings.restart()
         self.connected.set()
-        log.info("registered as %s with master %s (heartbeat every %.1f s)", self.node_id, url,
-                 reply.heartbeat_interval)
+        log.info(
+            "registered as %s with master %s (heartbeat every %.1f s)", self.node_id, url, reply.heartbeat_interval
+        )
         self._last_seen = time.monotonic()
-        tasks = [asyncio.create_task(self._read(ws, url, gen)),
-                 asyncio.create_task(self._beat(ws, url, reply.heartbeat_interval, reply.heartbeat_timeout)),
-                 asyncio.create_task(self._stop.wait())]
+        tasks = [
+            asyncio.create_task(self._read(ws, url, gen)),
+            asyncio.create_task(self._beat(ws, url, reply.heartbeat_interval, reply.heartbeat_timeout)),
+            asyncio.create_task(self._stop.wait()),
+        ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -178,9 +218,7 @@ class ControlClient:
             if isinstance(msg, Heartbeat):
                 await ws.send(dump(HeartbeatAck(seq=msg.seq)))
             elif isinstance(msg, HeartbeatAck):
-                sent = self._pings.pop(msg.seq, None)
-                if sent is not None:
-                    self.rtt_ms = (now - sent) * 1000
+                self._pings.acked(msg.seq, now)
             elif isinstance(msg, (Assign, Drain)):
                 try:
                     self._commands.put_nowait((gen, msg))
@@ -193,7 +231,7 @@ class ControlClient:
                 raise ProtocolError(f"unexpected {msg.type} from the master")
 
     async def _beat(self, ws: ClientConnection, url: str, interval: float, timeout: float) -> None:
-        seq, last_sent, status_broken = 0, 0.0, False
+        last_sent, status_broken = 0.0, False
         tick = min(interval, timeout / 5)
         while True:
             await asyncio.sleep(tick)
@@ -203,11 +241,8 @@ class ControlClient:
                 return
             if now - last_sent < interval:
                 continue
-            seq, last_sent = seq + 1, now
-            self._pings[seq] = now
-            if len(self._pings) > _MAX_PINGS:
-                del self._pings[min(self._pings)]
-            await ws.send(dump(Heartbeat(seq=seq, sent_at=now)))
+            last_sent = now
+            await ws.send(dump(Heartbeat(seq=self._pings.sent(now), sent_at=now)))
             if self.status_payload is not None and not status_broken:
                 try:
                     status = Status(**self.status_payload())

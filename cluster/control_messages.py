@@ -8,16 +8,21 @@ malformed message could be huge or carry a secret).
 
 Exchange (master ← worker):  challenge → register → registered | refused, then
 heartbeat/heartbeat_ack both ways, assign → ready | failed, status, drain."""
+
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1  # Final: mypy reads it as Literal[1], the type of every message's `v`
 MAX_MESSAGE_BYTES = 64 * 1024
+# WebSocket close codes: policy violation (bad token, bad message), message too big, try later.
+CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER = 1008, 1009, 1013
 
 # Bounds on what a peer may claim. Generous for real hardware, small enough that no field
 # can be used to make the other side allocate or log megabytes.
@@ -53,6 +58,11 @@ def check_host_port(v: str) -> str:
     return v
 
 
+def auth_digest(join_token: str, nonce: str, node_id: str) -> str:
+    """What a worker sends instead of the token: HMAC-SHA256(token, nonce + node_id), hex."""
+    return hmac.new(join_token.encode(), (nonce + node_id).encode(), hashlib.sha256).hexdigest()
+
+
 class _Base(BaseModel):
     # strict: no "1" for 1, no true for 1; forbid: a typo'd or injected field is an error,
     # not silently dropped; frozen: a parsed message is a value, nobody edits it in place.
@@ -67,7 +77,9 @@ class Capacity(BaseModel):
     free_bytes: Bytes
     matmul_gflops: Annotated[float, Field(ge=0, le=1e9)]  # a quick measured matmul, for the planner
     # The worker's --layers override for the planner: a layer count, or a [start, end) range.
-    layers: Annotated[int, Field(ge=0, le=_MAX_LAYERS)] | Annotated[list[Layer], Field(min_length=2, max_length=2)] | None = None
+    layers: (
+        Annotated[int, Field(ge=0, le=_MAX_LAYERS)] | Annotated[list[Layer], Field(min_length=2, max_length=2)] | None
+    ) = None
 
     @model_validator(mode="after")
     def _free_le_total(self):
@@ -187,13 +199,14 @@ class Drain(_Base):
 
 
 Message = Annotated[
-    Union[Challenge, Register, Registered, Refused, Assign, Ready, Failed, Heartbeat, HeartbeatAck, Status, Drain],
+    Challenge | Register | Registered | Refused | Assign | Ready | Failed | Heartbeat | HeartbeatAck | Status | Drain,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
-MESSAGE_TYPES = frozenset(t.model_fields["type"].default for t in
-                          (Challenge, Register, Registered, Refused, Assign, Ready, Failed,
-                           Heartbeat, HeartbeatAck, Status, Drain))
+MESSAGE_TYPES = frozenset(
+    t.model_fields["type"].default
+    for t in (Challenge, Register, Registered, Refused, Assign, Ready, Failed, Heartbeat, HeartbeatAck, Status, Drain)
+)
 
 
 def _no_constants(name: str) -> Any:

@@ -1,8 +1,8 @@
 """The master as a node: its NodeInfo, built from the AsyncEngine it runs.
 
-Today the master is the only stage, so it is the only row of the registry. Its heartbeat
-is simply "now" each time it is refreshed; workers will report theirs over the control
-channel and fill the same registry."""
+The master's row sits in the same registry as the workers' (which the control channel
+fills); its heartbeat is simply "now" each time it is refreshed."""
+
 from __future__ import annotations
 
 import logging
@@ -69,19 +69,27 @@ class MasterNode:
     def info(self, now: float | None = None) -> NodeInfo:
         now = time.monotonic() if now is None else now
         stats = self.engine.stats()
-        sync = self.engine.engine
-        if sync is None:  # still loading: nothing to report but who we are
+        info = self.engine.info()
+        if info is None:  # still loading: nothing to report but who we are
             device, start, end = "?", 0, 0
         else:
-            device, start, end = sync.cfg.device, sync.loaded.layers.start, sync.loaded.layers.end
+            device, start, end = info.device, info.layer_start, info.layer_end
         used, free = memory_bytes(device)
         rate = self._rate.add(now, stats.generated_tokens)
         return NodeInfo(
-            node_id=self.node_id, address=self.address, backend="torch", device=device,
-            model=self.engine.model_name, layer_start=start, layer_end=end,
-            mem_used_bytes=used, mem_free_bytes=free,
+            node_id=self.node_id,
+            address=self.address,
+            backend="torch",
+            device=device,
+            model=self.engine.model_name,
+            layer_start=start,
+            layer_end=end,
+            mem_used_bytes=used,
+            mem_free_bytes=free,
             state=NodeState.READY if self.engine.ready else NodeState.LOADING,
-            last_heartbeat=now, rtt_ms=None, tok_s=max(0.0, rate) if rate is not None else None,
+            last_heartbeat=now,
+            rtt_ms=None,
+            tok_s=max(0.0, rate) if rate is not None else None,
         )
 
     def refresh(self, registry: NodeRegistry, now: float | None = None) -> NodeInfo:

@@ -1,231 +1,231 @@
-"""The master's cluster manager: plans layers over the workers, assigns them, and swaps
-the engine between serving alone and serving through the pipeline.
+"""The master process: builds, starts and stops its parts.
 
-- `--workers N`: the master holds the embedding and head only; it waits for N workers,
-  plans all decoder layers over them, and serves once every stage reports ready. A lost
-  stage fails its requests (the AsyncEngine does that) and the master waits for a
-  replacement, re-planning as soon as enough workers are connected.
-- without `--workers`: the master serves alone with the whole model; workers that join
-  take over the decoder layers; when they are all gone the master takes the layers back.
-Re-planning happens only while no request is in flight (or once a broken pipeline has
-already failed its requests). Workers that re-register holding the layers of the plan
-the master would make anyway (after a master restart) are adopted without a reload."""
+    AsyncEngine ── the model (alone, TP group, or pipeline master)
+    ControlServer ── /ws/worker, where workers join
+    ResultServer ── the ring's gRPC endpoint, where the last stage answers
+    ClusterManager ── plans layers over the workers and swaps the engine's runner
+    FastAPI app ── the OpenAI routes, status, and the Gradio page (ui/)
+
+`Master.serve()` binds everything, loads the model in the background while the HTTP server
+already answers (503 until ready), and tears everything down when uvicorn stops. `_boot` is
+the one place that decides how the master serves: alone, alone over a TP group, or as a
+pipeline master waiting for workers."""
+
 from __future__ import annotations
 
 import asyncio
-import itertools
+import dataclasses
 import logging
+import sys
+from dataclasses import dataclass
+
+import uvicorn
 
 from inference.async_engine import AsyncEngine
-from inference.config import EngineConfig, ModelConfig
-from inference.engine import Engine
-from inference.loader import DTYPES, LoadedModel
-from inference.model_runner import ModelRunner, kv_block_bytes
+from inference.config import EngineConfig, LayerRange
+from inference.errors import InferenceError, StageFailure
 
-from .control import ControlError, ControlServer, WorkerConn
-from .control_messages import Assign
-from .pipeline import PipelineRunner
-from .planner import LayerCost, NodeCapacity, Plan, PlanError, plan_layers
-from .ring import ResultServer, RingClient
-from .stage_client import StageClient
+from .control import ControlServer
+from .manager import ClusterManager
+from .registry import NodeRegistry
+from .ring import ResultServer
 
 log = logging.getLogger(__name__)
 
 
-def pool_blocks(cfg: EngineConfig, mcfg: ModelConfig) -> int:
-    """The KV pool every stage holds: the same budget a single process would use."""
-    per_block = kv_block_bytes(mcfg, mcfg.num_layers, cfg.block_size, DTYPES[cfg.dtype])
-    budget = (cfg.kv_cache_gb or 1.0) * 2**30
-    return max(1, int(budget // per_block))
+@dataclass(slots=True)
+class MasterConfig:
+    """Everything `python app.py` decides from its flags."""
+
+    engine: EngineConfig
+    name: str  # the model id clients use
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None
+    join_token: str | None = None
+    workers: int | None = None  # wait for N workers and hold no layers; None: serve alone
+    grpc_port: int = 0
+    advertise_host: str | None = None
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+    ui: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("--workers must be >= 1")
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ValueError("need 0 < --heartbeat-interval < --heartbeat-timeout")
+        if self.engine.tp > 1 and self.workers:
+            raise ValueError("--tp applies to a master that serves alone; with --workers give each worker --tp")
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def result_host(self) -> str | None:
+        """The address the last stage sends results to, if the flags fix one (a wildcard bind
+        is no address to give: then each worker's control connection tells)."""
+        return self.advertise_host or (None if self.host in ("0.0.0.0", "::", "") else self.host)
 
 
-def _close_pipeline(runner) -> None:
-    """A pipeline the engine no longer uses (a re-plan replaced it): close its stage channel.
-    The local runner is kept; the master takes its layers back with it."""
-    if isinstance(runner, PipelineRunner):
-        runner.close()
-        log.info("closed the stage channel of the replaced pipeline")
+class Master:
+    """Invariant: `manager` is None until the model is loaded, and stays None for a TP master
+    (its layers are split over ranks, so it cannot hand them to workers). `failure` is set at
+    most once, by a failed load, and makes `serve()` stop the server and return it."""
 
-
-class ClusterManager:
-    """Invariant: `plan` is what the engine's runner serves right now (None = the master
-    serves alone, or nothing serves yet); it changes only inside `_replan`, one at a time."""
-
-    def __init__(self, aengine: AsyncEngine, control: ControlServer, cfg: EngineConfig, model_source: str,
-                 ends: LoadedModel, tokenizer, want_workers: int | None, local: Engine | None = None,
-                 load_timeout: float = 600.0, results: ResultServer | None = None,
-                 advertise_host: str | None = None):
-        self.aengine = aengine
-        self.control = control
+    def __init__(self, cfg: MasterConfig):
         self.cfg = cfg
-        self.model_source = model_source
-        self.ends = ends
-        self.tokenizer = tokenizer
-        self.want_workers = want_workers
-        self.local = local  # the master's own full-model engine (serving alone), if any
-        self.load_timeout = load_timeout
-        # With a result server the pipeline is a ring (the last stage answers the master
-        # directly); without one, answers travel back through every stage (chain).
-        self.results = results
-        self.advertise_host = advertise_host
-        mcfg = ends.config
-        self.num_blocks = local.kv.pool.num_blocks if local else pool_blocks(cfg, mcfg)
-        self.cost = LayerCost.for_model(mcfg, DTYPES[cfg.dtype].itemsize, self.num_blocks, cfg.block_size,
-                                        cfg.max_batch_tokens)
-        self.local_runner = local.runner if local else ModelRunner(
-            ends.model, mcfg, ends.layers, self.num_blocks, cfg.block_size, DTYPES[cfg.dtype], cfg.device)
-        self.plan: Plan | None = None
-        self.plan_error: str | None = None
-        self.loads: dict[str, int] = {}  # node_id -> the worker's load counter, from its last ready
-        self._plan_ids = itertools.count(1)
-        self._poke = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        control.on_change = lambda node_id, event: self.poke()
-        loop = asyncio.get_running_loop()
-        aengine.on_stage_failure = lambda e: loop.call_soon_threadsafe(self.poke)
-        aengine.on_runner_retired = _close_pipeline
+        self.registry = NodeRegistry()
+        self.control = ControlServer(
+            self.registry,
+            cfg.join_token,
+            cfg.heartbeat_interval,
+            cfg.heartbeat_timeout,
+            model_name=cfg.name,
+            on_change=lambda node_id, event: self._poke(),
+        )
+        self.engine = AsyncEngine(None, cfg.name, on_stage_failure=self._on_stage_failure)
+        self.results = ResultServer()
+        self.manager: ClusterManager | None = None
+        self.failure: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: uvicorn.Server | None = None
+        self._boot_task: asyncio.Task | None = None
+        self.app = self._build_app()
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster-manager")
-        self.poke()
+    # -- wiring -------------------------------------------------------------------------
+    def _build_app(self):
+        from ui.server import build_app
 
-    def poke(self) -> None:
-        self._poke.set()
+        app = build_app(
+            self.engine, api_key=self.cfg.api_key, on_startup=self._on_startup, status_extra=self.status_extra
+        )
+        app.add_api_websocket_route("/ws/worker", self.control.handle)
+        if self.cfg.ui:
+            from ui.web import mount_ui
 
-    async def _run(self) -> None:
-        while True:
-            await self._poke.wait()
-            self._poke.clear()
-            try:
-                await self._replan()
-            except Exception:  # the manager must outlive any one bad re-plan
-                log.exception("re-plan failed")
-                await asyncio.sleep(1.0)
-                self.poke()
+            app = mount_ui(app, self.engine, self.registry, api_key=self.cfg.api_key, address=self.cfg.url)
+        return app
 
-    def _busy(self) -> bool:
-        s = self.aengine.stats()
-        return self.aengine.ready and (s.running > 0 or s.waiting > 0)
+    def status_extra(self) -> dict:
+        """What /api/status adds to the engine's stats: the nodes and the cluster's plan."""
+        nodes = [dict(dataclasses.asdict(n), state=n.state.value) for n in self.registry.snapshot()]
+        return dict(nodes=nodes, cluster=self.manager.to_json() if self.manager else None)
 
-    def _workers(self) -> list[WorkerConn]:
-        return [w for w in self.control.workers() if not w.closed]
+    def _poke(self) -> None:
+        if self.manager is not None:
+            self.manager.poke()
 
-    def to_json(self) -> dict:
-        return dict(mode="pipeline" if self.plan else "local", want_workers=self.want_workers,
-                    num_blocks=self.num_blocks, plan=self.plan.to_json() if self.plan else None,
-                    plan_error=self.plan_error, loads=dict(self.loads),
-                    ring=dict(port=self.results.port, results=self.results.results, errors=self.results.errors)
-                    if self.results else None)
+    def _on_stage_failure(self, e: StageFailure) -> None:
+        # Called from the model thread: the manager lives on the event loop.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._poke)
 
-    async def _replan(self) -> None:
-        workers = self._workers()
-        current = {a.node_id for a in self.plan.assignments} if self.plan else set()
-        healthy = current <= {w.node_id for w in workers} and self.aengine.unavailable is None
-        if healthy and current and current == {w.node_id for w in workers}:
-            return  # nothing changed
-        if healthy and self._busy():
-            await asyncio.sleep(0.2)  # change the plan only between requests
-            self.poke()
-            return
-        if self.want_workers and len(workers) < self.want_workers:
-            self._unavailable(f"waiting for workers: {len(workers)} of {self.want_workers} connected")
-            return
-        if not workers:
-            self._serve_locally()
-            return
+    # -- lifecycle ----------------------------------------------------------------------
+    def serve(self) -> str | None:
+        """Run until interrupted or a fatal load error; returns that error, or None."""
         try:
-            plan = self._make_plan(workers)
-        except PlanError as e:
-            log.error("cannot plan layers over %d workers: %s", len(workers), e)
-            self.plan_error = str(e)
-            if self.local is None:
-                self._unavailable(f"no plan fits: {e}")
-            return
-        self.plan_error = None
-        await self._apply(plan, workers)
-
-    def _make_plan(self, workers: list[WorkerConn]) -> Plan:
-        n = self.ends.config.num_layers
-        holdings = {w.node_id: w.holding for w in workers if w.holding and w.holding.model == self.model_source
-                    and w.holding.num_layers == n and w.holding.dtype == self.cfg.dtype}
-        covered = sorted((h.start, h.end) for h in holdings.values())
-        adoptable = len(holdings) == len(workers) and covered and covered[0][0] == 0 and covered[-1][1] == n and all(
-            a[1] == b[0] for a, b in zip(covered, covered[1:]))
-        nodes = []
-        for w in workers:
-            override = w.capacity.layers
-            if adoptable:
-                override = (holdings[w.node_id].start, holdings[w.node_id].end)
-            elif isinstance(override, list):
-                override = tuple(override)
-            nodes.append(NodeCapacity(w.node_id, w.capacity.free_bytes, override))
-        return plan_layers(n, self.cost, nodes)
-
-    async def _apply(self, plan: Plan, workers: list[WorkerConn]) -> None:
-        by_id = {w.node_id: w for w in workers}
-        order = list(plan.assignments)
-        plan_id = next(self._plan_ids)
-        log.info("plan %d: %s", plan_id, ", ".join(f"{a.node_id}[{a.start},{a.end})" for a in order))
-        waits = []
+            self.results.start(self.cfg.host, self.cfg.grpc_port)
+        except OSError as e:
+            return str(e)
+        server = self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host=self.cfg.host,
+                port=self.cfg.port,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=5,
+            )
+        )
         try:
-            for i, a in enumerate(order):
-                w = by_id[a.node_id]
-                nxt = by_id[order[i + 1].node_id].grpc_address if i + 1 < len(order) else None
-                h = w.holding
-                if (h and (h.start, h.end, h.num_blocks, h.block_size) == (a.start, a.end, self.num_blocks, self.cfg.block_size)
-                        and h.model == self.model_source and self.plan is None and w.state.value == "joining"):
-                    self.control.adopt(a.node_id, plan_id)  # a restarted master: keep what it holds
-                    self.loads[a.node_id] = h.loads
-                    continue
-                await self.control.assign(a.node_id, Assign(
-                    plan_id=plan_id, model=self.model_source, start=a.start, end=a.end,
-                    num_layers=plan.num_layers, num_blocks=self.num_blocks, block_size=self.cfg.block_size,
-                    dtype=self.cfg.dtype, next_hop=nxt))
-                waits.append(a.node_id)
-            readies = await asyncio.gather(*(self.control.wait_ready(n, plan_id, self.load_timeout) for n in waits))
-        except ControlError as e:
-            log.error("plan %d failed: %s; will re-plan", plan_id, e)
-            self._unavailable(f"plan failed: {e}") if self.local is None else None
-            await asyncio.sleep(0.5)
-            self.poke()
+            server.run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.results.stop()
+        return self.failure
+
+    async def _on_startup(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        log.info("serving on %s; loading %s ...", self.cfg.url, self.cfg.engine.model)
+        self._boot_task = self._loop.create_task(self._boot(), name="boot")
+
+    async def _boot(self) -> None:
+        """Load the model off the event loop, then hand the cluster to its manager."""
+        try:
+            self.manager = await asyncio.to_thread(self._load)
+        except InferenceError as e:
+            self.failure = str(e)
+        except Exception as e:  # an unexpected load failure still ends in one line, not a hang
+            log.exception("model load failed")
+            self.failure = f"model load failed: {type(e).__name__}: {e}"
+        if self.failure is not None:
+            if self._server is not None:
+                self._server.should_exit = True
             return
-        for node_id, r in zip(waits, readies):
-            self.loads[node_id] = r.loads
-        first = by_id[order[0].node_id].grpc_address
-        if self.results is not None:
-            reply_to = self._reply_to(by_id[order[-1].node_id])
-            log.info("plan %d: the last stage sends results to %s", plan_id, reply_to)
-            runner = PipelineRunner(self.local_runner, RingClient(first, self.results, reply_to))
-        else:
-            runner = PipelineRunner(self.local_runner, StageClient(first))
-        self._install(runner)
-        self.plan = plan
-        log.info("serving through %d stage(s)", len(order))
+        if self.manager is not None:
+            self.manager.start()
 
-    def _reply_to(self, last: WorkerConn) -> str:
-        """host:port of our result endpoint as the last stage can reach it: --advertise-host,
-        else the address its control connection reached us at, else loopback."""
-        host = self.advertise_host or last.master_host or "127.0.0.1"
-        return f"[{host}]:{self.results.port}" if ":" in host else f"{host}:{self.results.port}"
+    def _load(self) -> ClusterManager | None:
+        """The one place that decides how the master serves; runs in a worker thread."""
+        from inference.engine import Engine, kv_pool_blocks, load_tokenizer
+        from inference.loader import DTYPES, load_model, read_config
+        from inference.model_runner import ModelRunner
+        from inference.model_source import resolve_model
+        from inference.tp_runner import tp_engine
 
-    def _install(self, runner) -> None:
-        if self.aengine.engine is None:
-            self.aengine.attach(Engine(self.cfg, loaded=self.ends, tokenizer=self.tokenizer,
-                                       num_blocks=self.num_blocks, runner=runner))
-        else:
-            self.aengine.swap_runner(runner)
+        cfg = self.cfg.engine
+        advertise = self.cfg.result_host
+        if self.cfg.workers:  # a pipeline master: the embedding, final norm and LM head, no layers
+            n = read_config(resolve_model(cfg.model)).num_layers
+            ends = load_model(cfg.model, cfg.dtype, cfg.device, layers=LayerRange(0, 0, n, embed=True, head=True))
+            tokenizer = load_tokenizer(ends.path)
+            num_blocks = kv_pool_blocks(cfg, ends.config, n)  # every stage holds the same block ids
+            local = ModelRunner(
+                ends.model, ends.config, ends.layers, num_blocks, cfg.block_size, DTYPES[cfg.dtype], cfg.device
+            )
 
-    def _serve_locally(self) -> None:
-        if self.local is not None and (self.plan is not None or self.aengine.unavailable):
-            log.info("no workers left: the master takes all layers back")
-            self.aengine.swap_runner(self.local_runner)
-            self.plan = None
-        elif self.local is None:
-            self.plan = None
-            self._unavailable("no workers connected")
+            def make_engine(runner):
+                return Engine(cfg, loaded=ends, tokenizer=tokenizer, num_blocks=num_blocks, runner=runner)
 
-    def _unavailable(self, reason: str) -> None:
-        self.plan = None
-        if self.aengine.engine is not None:
-            self.aengine.unavailable = reason
-        log.info("not serving: %s", reason)
+            print(
+                f"waiting for {self.cfg.workers} worker(s): python -m cluster.worker --master {self.cfg.url}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return ClusterManager(
+                self.engine,
+                self.control,
+                self.results,
+                cfg,
+                ends.config,
+                local,
+                num_blocks,
+                want_workers=self.cfg.workers,
+                make_engine=make_engine,
+                advertise_host=advertise,
+            )
+        # Alone: with --tp, ranks 1..N-1 start here and stop when this process exits. A TP
+        # master keeps its layers (a pipeline master embeds on its own, which a vocabulary split
+        # over ranks cannot do), so joining workers get nothing and there is no manager.
+        engine = tp_engine(cfg, self.cfg.host) if cfg.tp > 1 else Engine(cfg)
+        manager = None
+        if cfg.tp == 1:
+            assert isinstance(engine.runner, ModelRunner)
+            manager = ClusterManager(
+                self.engine,
+                self.control,
+                self.results,
+                cfg,
+                engine.loaded.config,
+                engine.runner,
+                engine.kv.pool.num_blocks,
+                advertise_host=advertise,
+            )
+        self.engine.attach(engine)  # last: nothing after it can fail the load
+        log.info("model %s ready (%.1f s)", self.cfg.name, engine.load_seconds)
+        print(f"ready: {self.cfg.url}  (OpenAI API at {self.cfg.url}/v1)", file=sys.stderr, flush=True)
+        return manager

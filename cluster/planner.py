@@ -9,11 +9,12 @@ Cost model: a node holding n layers needs `n * cost.per_layer + cost.activation_
 reserve_bytes`. Weights and KV scale with the layer count; the activation working set is
 paid once per stage, because a stage runs its layers one after another and each layer's
 temporaries are freed before the next one starts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeGuard
 
 from inference.config import LayerRange, ModelConfig
 
@@ -40,7 +41,7 @@ def format_bytes(n: int) -> str:
     return f"{n / MiB:.2f} MiB"
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -70,11 +71,14 @@ class NodeCapacity:
             return
         if isinstance(lay, tuple) and len(lay) == 2 and all(_is_int(x) for x in lay):
             if not 0 <= lay[0] < lay[1]:
-                raise PlanError(f"node {self.node_id}: layer range [{lay[0]}, {lay[1]}) is empty or negative",
-                                node_id=self.node_id)
+                raise PlanError(
+                    f"node {self.node_id}: layer range [{lay[0]}, {lay[1]}) is empty or negative", node_id=self.node_id
+                )
             return
-        raise PlanError(f"node {self.node_id}: layers must be a count, a (start, end) range or None, got {lay!r}",
-                        node_id=self.node_id)
+        raise PlanError(
+            f"node {self.node_id}: layers must be a count, a (start, end) range or None, got {lay!r}",
+            node_id=self.node_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,22 +104,31 @@ class LayerCost:
         return self.weight_bytes + self.kv_bytes
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, dtype_bytes: int, num_blocks: int, block_size: int,
-                  max_batch_tokens: int) -> "LayerCost":
-        for name, v in (("dtype_bytes", dtype_bytes), ("num_blocks", num_blocks),
-                        ("block_size", block_size), ("max_batch_tokens", max_batch_tokens)):
+    def for_model(
+        cls, cfg: ModelConfig, dtype_bytes: int, num_blocks: int, block_size: int, max_batch_tokens: int
+    ) -> LayerCost:
+        for name, v in (
+            ("dtype_bytes", dtype_bytes),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("max_batch_tokens", max_batch_tokens),
+        ):
             if not _is_int(v) or v < 1:
                 raise PlanError(f"{name} must be an integer >= 1, got {v!r}")
         h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         q = cfg.num_heads * d
         kv = cfg.num_kv_heads * d
         qkv = q + 2 * kv
-        params = (h * qkv + (qkv if cfg.qkv_bias else 0)  # fused q/k/v projection (+ Qwen2's bias)
-                  + q * h                                  # o_proj
-                  + h * 2 * inter + inter * h              # gate_up, down
-                  + 2 * h)                                 # input and post-attention RMSNorm
+        params = (
+            h * qkv
+            + (qkv if cfg.qkv_bias else 0)  # fused q/k/v projection (+ Qwen2's bias)
+            + q * h  # o_proj
+            + h * 2 * inter
+            + inter * h  # gate_up, down
+            + 2 * h
+        )  # input and post-attention RMSNorm
         # Every stage keeps K and V of its layers for the SAME blocks (the master's pool is shared).
-        kv_bytes = num_blocks * block_size * 2 * kv * dtype_bytes
+        kv_bytes = num_blocks * cfg.kv_block_bytes(1, block_size, dtype_bytes)
         # Peak live tensors while one layer runs on T = max_batch_tokens tokens: the residual
         # stream and its normed copy (2h), plus the larger of attention's q/k/v and output
         # (qkv + q) and the MLP's gate_up and activated product (3 * inter). Assumes a fused
@@ -138,9 +151,12 @@ class Assignment:
         if not (_is_int(self.start) and _is_int(self.end) and 0 <= self.start < self.end):
             raise PlanError(f"node {self.node_id}: bad layer range [{self.start}, {self.end})", node_id=self.node_id)
         if self.bytes_needed > self.free_bytes:  # the invariant every plan keeps, checked at the door
-            raise PlanError(f"node {self.node_id}: assignment needs {format_bytes(self.bytes_needed)}, has "
-                            f"{format_bytes(self.free_bytes)} free", node_id=self.node_id,
-                            missing_bytes=self.bytes_needed - self.free_bytes)
+            raise PlanError(
+                f"node {self.node_id}: assignment needs {format_bytes(self.bytes_needed)}, has "
+                f"{format_bytes(self.free_bytes)} free",
+                node_id=self.node_id,
+                missing_bytes=self.bytes_needed - self.free_bytes,
+            )
 
     @property
     def num_layers(self) -> int:
@@ -180,17 +196,27 @@ class Plan:
         return {
             "num_layers": self.num_layers,
             "assignments": [
-                {"node_id": a.node_id, "start": a.start, "end": a.end, "layers": a.num_layers,
-                 "bytes_needed": a.bytes_needed, "free_bytes": a.free_bytes}
+                {
+                    "node_id": a.node_id,
+                    "start": a.start,
+                    "end": a.end,
+                    "layers": a.num_layers,
+                    "bytes_needed": a.bytes_needed,
+                    "free_bytes": a.free_bytes,
+                }
                 for a in self.assignments
             ],
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Plan":
-        return cls(data["num_layers"], tuple(
-            Assignment(a["node_id"], a["start"], a["end"], a["bytes_needed"], a["free_bytes"])
-            for a in data["assignments"]))
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            data["num_layers"],
+            tuple(
+                Assignment(a["node_id"], a["start"], a["end"], a["bytes_needed"], a["free_bytes"])
+                for a in data["assignments"]
+            ),
+        )
 
 
 def plan_layers(num_layers: int, cost: LayerCost, nodes: list[NodeCapacity], reserve_bytes: int = 0) -> Plan:
@@ -218,56 +244,71 @@ def plan_layers(num_layers: int, cost: LayerCost, nodes: list[NodeCapacity], res
     def fits(n: NodeCapacity) -> int:
         return max(0, (n.free_bytes - overhead) // per)
 
-    ranged = sorted((n for n in nodes if isinstance(n.layers, tuple)), key=lambda n: n.layers[0])
+    # Range overrides in layer order, each paired with its range; `others` hold a count or
+    # nothing, and `counts` is their override (None: automatic), index-aligned with `others`.
+    ranged = sorted(((n, n.layers) for n in nodes if isinstance(n.layers, tuple)), key=lambda nr: nr[1][0])
     others = [n for n in nodes if not isinstance(n.layers, tuple)]
-    for n in ranged:
-        s, e = n.layers
+    counts = [n.layers for n in nodes if not isinstance(n.layers, tuple)]
+    for n, (s, e) in ranged:
         if e > num_layers:
-            raise PlanError(f"node {n.node_id}: override range [{s}, {e}) is outside the model's layers "
-                            f"[0, {num_layers})", node_id=n.node_id)
-    for a, b in zip(ranged, ranged[1:]):
-        if b.layers[0] < a.layers[1]:
-            raise PlanError(f"nodes {a.node_id} and {b.node_id}: override ranges [{a.layers[0]}, {a.layers[1]}) "
-                            f"and [{b.layers[0]}, {b.layers[1]}) overlap", node_id=b.node_id)
+            raise PlanError(
+                f"node {n.node_id}: override range [{s}, {e}) is outside the model's layers [0, {num_layers})",
+                node_id=n.node_id,
+            )
+    for (left, lr), (right, rr) in zip(ranged, ranged[1:]):
+        if rr[0] < lr[1]:
+            raise PlanError(
+                f"nodes {left.node_id} and {right.node_id}: override ranges [{lr[0]}, {lr[1]}) "
+                f"and [{rr[0]}, {rr[1]}) overlap",
+                node_id=right.node_id,
+            )
     for n in nodes:
         count = n.layers[1] - n.layers[0] if isinstance(n.layers, tuple) else n.layers
         if count and need(count) > n.free_bytes:
             missing = need(count) - n.free_bytes
-            raise PlanError(f"node {n.node_id}: override {count} layers needs {format_bytes(need(count))}, has "
-                            f"{format_bytes(n.free_bytes)} free (missing {format_bytes(missing)})",
-                            node_id=n.node_id, missing_bytes=missing)
+            raise PlanError(
+                f"node {n.node_id}: override {count} layers needs {format_bytes(need(count))}, has "
+                f"{format_bytes(n.free_bytes)} free (missing {format_bytes(missing)})",
+                node_id=n.node_id,
+                missing_bytes=missing,
+            )
 
     gaps, at = [], 0  # the layers no range claims, as [start, end) runs in layer order
-    for n in ranged:
-        if n.layers[0] > at:
-            gaps.append((at, n.layers[0]))
-        at = n.layers[1]
+    for _, (s, e) in ranged:
+        if s > at:
+            gaps.append((at, s))
+        at = e
     if at < num_layers:
         gaps.append((at, num_layers))
     open_layers = sum(e - s for s, e in gaps)
-    claimed = sum(n.layers for n in others if n.layers is not None)
+    claimed = sum(c for c in counts if c is not None)
     if claimed > open_layers:
-        raise PlanError(f"count overrides claim {claimed} layers but only {open_layers} of {num_layers} "
-                        f"are left after range overrides")
+        raise PlanError(
+            f"count overrides claim {claimed} layers but only {open_layers} of {num_layers} "
+            f"are left after range overrides"
+        )
     autos = [n for n in others if n.layers is None]
     rest = open_layers - claimed
     if rest > sum(fits(n) for n in autos):
         if not autos:
-            raise PlanError(f"{rest} of {num_layers} layers have no node: every node has an override "
-                            f"and together they cover {num_layers - rest}")
+            raise PlanError(
+                f"{rest} of {num_layers} layers have no node: every node has an override "
+                f"and together they cover {num_layers - rest}"
+            )
         _raise_short(num_layers, rest, autos, per, overhead)
 
-    lo = [n.layers if n.layers is not None else 0 for n in others]
-    hi = [n.layers if n.layers is not None else fits(n) for n in others]
+    lo = [c if c is not None else 0 for c in counts]
+    hi = [c if c is not None else fits(n) for n, c in zip(others, counts)]
     groups = _partition(others, lo, hi, [e - s for s, e in gaps])
     if groups is None:
         # Totals fit, but each node takes one contiguous run: say what had to be covered by whom.
         fit = ", ".join(f"{n.node_id} {'takes' if n.layers is not None else 'fits'} {h}" for n, h in zip(others, hi))
-        raise PlanError(f"cannot lay out the layers contiguously: the runs left by range overrides are "
-                        f"{', '.join(f'[{s}, {e})' for s, e in gaps)}, to be covered in node order by one "
-                        f"run per node ({fit or 'no nodes'})")
-    assignments = [Assignment(n.node_id, n.layers[0], n.layers[1], need(n.layers[1] - n.layers[0]),
-                              n.free_bytes) for n in ranged]
+        raise PlanError(
+            f"cannot lay out the layers contiguously: the runs left by range overrides are "
+            f"{', '.join(f'[{s}, {e})' for s, e in gaps)}, to be covered in node order by one "
+            f"run per node ({fit or 'no nodes'})"
+        )
+    assignments = [Assignment(n.node_id, s, e, need(e - s), n.free_bytes) for n, (s, e) in ranged]
     auto = [n.layers is None for n in others]
     for (start, end), (a, b) in zip(gaps, groups):
         for i, k in zip(range(a, b), _split(end - start, lo[a:b], hi[a:b], auto[a:b])):
@@ -288,7 +329,9 @@ def _raise_short(num_layers: int, rest: int, autos: list[NodeCapacity], per: int
         raise PlanError(
             f"cannot place {what}: need {format_bytes(missing)} more (nodes have {format_bytes(have)} free for "
             f"{format_bytes(needed)} of layers, at {format_bytes(per)} a layer, after keeping "
-            f"{format_bytes(overhead)} a node for activations and reserve)", missing_bytes=missing)
+            f"{format_bytes(overhead)} a node for activations and reserve)",
+            missing_bytes=missing,
+        )
     # Enough bytes in total, but spread so that no node has room for another whole layer:
     # name the single node that needs the least extra memory to take every missing layer.
     short = rest - fit
@@ -300,10 +343,15 @@ def _raise_short(num_layers: int, rest: int, autos: list[NodeCapacity], per: int
     raise PlanError(
         f"cannot place {what}: the nodes fit {fit}, because free memory is split so that no node has room "
         f"for another layer ({format_bytes(per)} each); node {best.node_id} needs {format_bytes(top_up(best))} "
-        f"more to take the other {short}", node_id=best.node_id, missing_bytes=top_up(best))
+        f"more to take the other {short}",
+        node_id=best.node_id,
+        missing_bytes=top_up(best),
+    )
 
 
-def _partition(others: list[NodeCapacity], lo: list[int], hi: list[int], gaps: list[int]) -> list[tuple[int, int]] | None:
+def _partition(
+    others: list[NodeCapacity], lo: list[int], hi: list[int], gaps: list[int]
+) -> list[tuple[int, int]] | None:
     """Cut `others` (in order) into len(gaps) consecutive non-empty groups, group j covering gap j
     exactly (sum lo <= gap <= sum hi). Of the feasible cuts, take the one whose busiest group
     has the lowest automatic load, so no run of nodes is squeezed while another idles. Node
@@ -328,7 +376,8 @@ def _partition(others: list[NodeCapacity], lo: list[int], hi: list[int], gaps: l
                     continue
                 auto = pauto[b] - pauto[a]
                 load = max(prev, Fraction(g - (plo[b] - plo[a]), auto) if auto else Fraction(0))
-                if best[j][b] is None or load < best[j][b]:
+                cur = best[j][b]
+                if cur is None or load < cur:
                     best[j][b], back[j][b] = load, a
     if best[k][m] is None:
         return None

@@ -2,6 +2,7 @@
 
 Pure: no I/O, no clock reads of its own. Callers pass monotonic timestamps in, so the
 same data feeds the status page, the status JSON and (later) the layer planner."""
+
 from __future__ import annotations
 
 import enum
@@ -76,13 +77,9 @@ class NodeRegistry:
         with self._lock:
             node = replace(self._nodes[node_id], **changes)
             if node.node_id != node_id:
-                raise ValueError("node_id cannot change; remove and add instead")
+                raise ValueError("node_id cannot change; add a new node instead")
             self._nodes[node_id] = node
             return replace(node)
-
-    def remove(self, node_id: str) -> bool:
-        with self._lock:
-            return self._nodes.pop(node_id, None) is not None
 
     def get(self, node_id: str) -> NodeInfo | None:
         with self._lock:
@@ -94,12 +91,6 @@ class NodeRegistry:
         with self._lock:
             nodes = [replace(n) for n in self._nodes.values()]
         return sorted(nodes, key=lambda n: (n.layer_start, n.node_id))
-
-    def seconds_since_heartbeat(self, now: float) -> dict[str, float]:
-        """node_id -> seconds since its last heartbeat, measured against `now`
-        (a time.monotonic() value); never negative."""
-        with self._lock:
-            return {i: max(0.0, now - n.last_heartbeat) for i, n in self._nodes.items()}
 
     def __len__(self) -> int:
         with self._lock:

@@ -5,6 +5,7 @@ sends each step's final hidden states there, and any stage that fails a step rep
 there, so an answer costs N+1 hops instead of 2N. `RingClient` is what the PipelineRunner
 talks to: `step()` sends a step to stage 1 without waiting for stage 1's answer and waits
 on the step's future instead, with a timeout."""
+
 from __future__ import annotations
 
 import itertools
@@ -16,8 +17,7 @@ import grpc
 
 from proto import stage_pb2, stage_pb2_grpc
 
-from .stage_client import GRPC_OPTIONS, StageError
-from .stage_stream import StreamSender
+from .stage_stream import GRPC_OPTIONS, StageError, StreamSender
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class ResultServer(stage_pb2_grpc.MasterServicer):
 
     def start(self, host: str, port: int) -> int:
         """Bind host:port (0 = any free) and serve; returns the bound port. OSError if taken."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ring-results"),
-                             options=GRPC_OPTIONS)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ring-results"), options=GRPC_OPTIONS
+        )
         stage_pb2_grpc.add_MasterServicer_to_server(self, server)
         bound = server.add_insecure_port(f"{'[' + host + ']' if ':' in host else host}:{port}")
         if bound == 0:
@@ -96,8 +97,12 @@ class ResultServer(stage_pb2_grpc.MasterServicer):
             # The last stage's stream broke (killed mid-step): the steps it held will never
             # arrive, and its upstream may already have had its ack, so nobody else reports them.
             failed = self.fail_all(f"the last stage ({peer}) dropped its result stream")
-            log.log(logging.WARNING if failed else logging.INFO, "result stream from %s broke (%d step(s) failed)",
-                    peer, failed)
+            log.log(
+                logging.WARNING if failed else logging.INFO,
+                "result stream from %s broke (%d step(s) failed)",
+                peer,
+                failed,
+            )
 
     def _settle(self, resp: stage_pb2.StepResponse, peer: str) -> stage_pb2.ResultAck:
         fut = self._take(resp.step_id)
@@ -116,7 +121,7 @@ class ResultServer(stage_pb2_grpc.MasterServicer):
 
 
 class RingClient:
-    """The master's hop to stage 1 in ring mode; a drop-in for `StageClient.step()`.
+    """The master's hop to stage 1.
     Invariant: every step sent has a future in `results` until it is settled or times out."""
 
     def __init__(self, first: str, results: ResultServer, reply_to: str, timeout: float = 10.0):
@@ -141,8 +146,9 @@ class RingClient:
         except futures.TimeoutError:
             self.results.discard(step_id)
             self._sender.reset()  # a hung stage: the next step opens a fresh stream
-            raise StageError(f"no result for step {step_id} within {self.timeout:.0f} s "
-                             f"(ring from {self.address})") from None
+            raise StageError(
+                f"no result for step {step_id} within {self.timeout:.0f} s (ring from {self.address})"
+            ) from None
 
     def close(self) -> None:
         self._sender.close()

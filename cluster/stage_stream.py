@@ -1,9 +1,11 @@
-"""Fire-and-forget sending on one persistent gRPC stream: the ring's hop to the next stage
-(`Stage.Steps`) or to the master (`Master.Results`).
+"""The pipeline's one transport: fire-and-forget sending on a persistent gRPC stream, for
+the ring's hop to the next stage (`Stage.Steps`) or to the master (`Master.Results`).
 
-Unlike `StageClient.step()`, `send()` never waits for the peer: a background reader drains
-the peer's acks, and the sender only hears about a step again when it went wrong (an error
-ack, or the stream breaking while the step was unacknowledged)."""
+`send()` never waits for the peer: a background reader drains the peer's acks, and the
+sender only hears about a step again when it went wrong (an error ack, or the stream
+breaking while the step was unacknowledged). The gRPC limits every end of the ring uses
+live here too."""
+
 from __future__ import annotations
 
 import logging
@@ -11,14 +13,28 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
+from inference.errors import StageFailure
 from proto import stage_pb2_grpc
 
-from .stage_client import GRPC_OPTIONS
-
 log = logging.getLogger(__name__)
+
+# A step's tensors: 4096 tokens x 8192 hidden x 4 bytes is 128 MiB; nothing we send is larger.
+MAX_STEP_BYTES = 256 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_STEP_BYTES + (1 << 20)),
+    ("grpc.max_receive_message_length", MAX_STEP_BYTES + (1 << 20)),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
+class StageError(StageFailure):
+    """A stage failed, answered with an error, or did not answer in time."""
+
 
 _CLOSED = object()
 # on_error(step_id, reply_to, message, broken): `broken` is True when the stream failed (the
@@ -49,7 +65,7 @@ class StreamSender:
         self._call = (_steps if kind == "steps" else _results)(self._channel)
         self._lock = threading.Lock()
         self._requests: queue.Queue | None = None
-        self._stream = None
+        self._stream: Any = None  # the grpc streaming call of the current stream, while there is one
         self._pending: deque[tuple[int, str]] = deque()
         self.sent = 0  # messages handed to the stream (a counter for tests and the bench)
 
@@ -60,8 +76,9 @@ class StreamSender:
                 requests: queue.Queue = queue.Queue()
                 self._stream = self._call(iter(requests.get, _CLOSED))
                 self._requests = requests
-                threading.Thread(target=self._read, args=(self._stream, requests),
-                                 name=f"ring-reader-{self.address}", daemon=True).start()
+                threading.Thread(
+                    target=self._read, args=(self._stream, requests), name=f"ring-reader-{self.address}", daemon=True
+                ).start()
             self._pending.append((msg.step_id, getattr(msg, "reply_to", "")))
             self._requests.put(msg)
             self.sent += 1

@@ -5,6 +5,7 @@ step's bookkeeping are all checked against the receiver's own limits before anyt
 allocated, and every problem is a `WireError` (never an assert, never a crash). Bytes are
 raw little-endian; no pickle anywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -160,7 +161,8 @@ class WireStep:
         if self.block_tables.dim() != 2 or self.block_tables.shape[0] != s or len(self.ctx_lens) != s:
             raise WireError(
                 f"{s} q_lens, {len(self.ctx_lens)} ctx_lens and block_tables "
-                f"{tuple(self.block_tables.shape)} disagree on the number of sequences")
+                f"{tuple(self.block_tables.shape)} disagree on the number of sequences"
+            )
         if sum(self.q_lens) != t:
             raise WireError(f"q_lens sum to {sum(self.q_lens)} but there are {t} hidden rows")
         width = self.block_tables.shape[1]
@@ -184,38 +186,61 @@ class WireStep:
         if self.block_tables.numel() and int(self.block_tables.max()) >= num_blocks:
             raise WireError(f"block_tables reference block {int(self.block_tables.max())} of {num_blocks}")
         if self.slot_mapping.numel() and int(self.slot_mapping.max()) >= num_blocks * self.block_size:
-            raise WireError(f"slot_mapping references slot {int(self.slot_mapping.max())} "
-                            f"of {num_blocks * self.block_size}")
+            raise WireError(
+                f"slot_mapping references slot {int(self.slot_mapping.max())} of {num_blocks * self.block_size}"
+            )
         if max_position is not None and self.positions.numel() and int(self.positions.max()) >= max_position:
             raise WireError(f"position {int(self.positions.max())} beyond the model's {max_position}")
 
     def to(self, device: str | torch.device) -> WireStep:
         """The same step with its tensors on `device` (validate on CPU first, then move)."""
-        return WireStep(self.step_id, self.hidden.to(device), self.positions.to(device),
-                        self.slot_mapping.to(device), self.block_tables.to(device),
-                        self.q_lens, self.ctx_lens, self.num_decodes, self.block_size)
+        return WireStep(
+            self.step_id,
+            self.hidden.to(device),
+            self.positions.to(device),
+            self.slot_mapping.to(device),
+            self.block_tables.to(device),
+            self.q_lens,
+            self.ctx_lens,
+            self.num_decodes,
+            self.block_size,
+        )
 
     def attention_metadata(self) -> AttentionMetadata:
         """The metadata the stage's attention layers need, built as ModelRunner.prepare does."""
-        return build_metadata(self.slot_mapping, self.block_tables, self.q_lens, self.ctx_lens,
-                              self.num_decodes, self.block_size)
+        return build_metadata(
+            self.slot_mapping, self.block_tables, self.q_lens, self.ctx_lens, self.num_decodes, self.block_size
+        )
 
 
 def encode_step(
-    step_id: int, hidden: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor, q_lens: list[int], ctx_lens: list[int], num_decodes: int,
-    block_size: int, compression: str = "",
+    step_id: int,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_lens: list[int],
+    ctx_lens: list[int],
+    num_decodes: int,
+    block_size: int,
+    compression: str = "",
 ) -> stage_pb2.StepRequest:
     """Validate a step (the same checks the receiver runs, so bugs surface at the sender)
     and pack it; `compression` applies to the hidden states only."""
-    step = WireStep(step_id, hidden, positions, slot_mapping, block_tables,
-                    list(q_lens), list(ctx_lens), num_decodes, block_size)
+    step = WireStep(
+        step_id, hidden, positions, slot_mapping, block_tables, list(q_lens), list(ctx_lens), num_decodes, block_size
+    )
     try:
         return stage_pb2.StepRequest(
-            step_id=step.step_id, hidden=to_proto(step.hidden, compression),
-            positions=to_proto(step.positions), slot_mapping=to_proto(step.slot_mapping),
-            block_tables=to_proto(step.block_tables), q_lens=step.q_lens, ctx_lens=step.ctx_lens,
-            num_decodes=step.num_decodes, block_size=step.block_size,
+            step_id=step.step_id,
+            hidden=to_proto(step.hidden, compression),
+            positions=to_proto(step.positions),
+            slot_mapping=to_proto(step.slot_mapping),
+            block_tables=to_proto(step.block_tables),
+            q_lens=step.q_lens,
+            ctx_lens=step.ctx_lens,
+            num_decodes=step.num_decodes,
+            block_size=step.block_size,
         )
     except WireError:
         raise
@@ -224,8 +249,11 @@ def encode_step(
 
 
 def decode_step(
-    msg: stage_pb2.StepRequest, max_bytes: int, device: str | torch.device = "cpu",
-    num_blocks: int | None = None, max_position: int | None = None,
+    msg: stage_pb2.StepRequest,
+    max_bytes: int,
+    device: str | torch.device = "cpu",
+    num_blocks: int | None = None,
+    max_position: int | None = None,
 ) -> WireStep:
     """Unpack and validate a step; `max_bytes` bounds all its tensors together. Pass the
     stage's `num_blocks` (and rotary `max_position`) to bounds-check indices before they
@@ -239,9 +267,17 @@ def decode_step(
             raise WireError(f"step {msg.step_id} has no {name}")
         tensors[name] = from_proto(getattr(msg, name), budget)
         budget -= tensors[name].numel() * tensors[name].element_size()
-    step = WireStep(msg.step_id, tensors["hidden"], tensors["positions"], tensors["slot_mapping"],
-                    tensors["block_tables"], list(msg.q_lens), list(msg.ctx_lens),
-                    msg.num_decodes, msg.block_size)
+    step = WireStep(
+        msg.step_id,
+        tensors["hidden"],
+        tensors["positions"],
+        tensors["slot_mapping"],
+        tensors["block_tables"],
+        list(msg.q_lens),
+        list(msg.ctx_lens),
+        msg.num_decodes,
+        msg.block_size,
+    )
     if num_blocks is not None:
         step.check_bounds(num_blocks, max_position)
     return step if torch.device(device).type == "cpu" else step.to(device)

@@ -4,6 +4,7 @@ It starts its gRPC stage server, joins the master over the WebSocket control cha
 (retrying forever with capped backoff), loads the layer range the master assigns (only
 those layers' weights are read), serves steps, and re-registers with what it holds when
 the master restarts, so the master can adopt it without a reload."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ import time
 import psutil
 import torch
 
+from inference import cli
 from inference.config import LayerRange
 from inference.errors import InferenceError
 from inference.loader import load_model
@@ -42,22 +44,36 @@ def parse_layers(value: str) -> int | tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cluster.worker", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--master", nargs="+", required=True, metavar="URL",
-                   help="master URL(s), e.g. http://10.0.0.2:7860; tried in turn, hostnames re-resolved on every retry")
-    p.add_argument("--join-token", default=os.environ.get("RINGLLM_JOIN_TOKEN"),
-                   help="shared secret the master requires (env RINGLLM_JOIN_TOKEN); proven by HMAC, never sent")
+    p = argparse.ArgumentParser(
+        prog="python -m cluster.worker",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--master",
+        nargs="+",
+        required=True,
+        metavar="URL",
+        help="master URL(s), e.g. http://10.0.0.2:7860; tried in turn, hostnames re-resolved on every retry",
+    )
+    p.add_argument(
+        "--join-token",
+        default=os.environ.get("RINGLLM_JOIN_TOKEN"),
+        help="shared secret the master requires (env RINGLLM_JOIN_TOKEN); proven by HMAC, never sent",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind and advertise for gRPC")
-    p.add_argument("--grpc-port", type=int, default=0, help="gRPC port (0 = any free port)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--grpc-port", type=cli.port_number, default=0, help="gRPC port (0 = any free port)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device: cpu, cuda, cuda:1, ... (the model and dtype come from the master)",
+    )
     p.add_argument("--node-id", default=None, help="unique id (default: hostname-pid-random)")
-    p.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallel: split the assigned layers over N processes on this machine "
-                        "(gloo on CPU, nccl on CUDA); the group binds to --host")
-    p.add_argument("--layers", type=parse_layers, default=None,
-                   help="override the planner: a layer count N or a range START-END")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cli.add_tp(p, "the worker's assigned layers; the group binds to --host")
+    p.add_argument(
+        "--layers", type=parse_layers, default=None, help="override the planner: a layer count N or a range START-END"
+    )
+    cli.add_log_level(p)
     return p
 
 
@@ -97,9 +113,13 @@ class Worker:
 
     def status_payload(self) -> dict:
         rss = psutil.Process().memory_info().rss
-        return dict(state="ready" if self.holding else "idle", in_flight=self.servicer.in_flight,
-                    steps_done=self.servicer.steps_done, mem_used_bytes=rss,
-                    mem_free_bytes=psutil.virtual_memory().available)
+        return dict(
+            state="ready" if self.holding else "idle",
+            in_flight=self.servicer.in_flight,
+            steps_done=self.servicer.steps_done,
+            mem_used_bytes=rss,
+            mem_free_bytes=psutil.virtual_memory().available,
+        )
 
     async def on_assign(self, a: Assign) -> Ready | Failed:
         want = a.shard()
@@ -109,20 +129,36 @@ class Worker:
             stage = self.servicer.stage
             tp = self.args.tp
             same_pool = self.holding and (self.holding["num_blocks"], self.holding["block_size"]) == (
-                a.num_blocks, a.block_size)
-            if stage is not None and self.holding and all(self.holding[k] == want[k] for k in weights) and (
-                    tp == 1 or same_pool):
+                a.num_blocks,
+                a.block_size,
+            )
+            if (
+                stage is not None
+                and self.holding
+                and all(self.holding[k] == want[k] for k in weights)
+                and (tp == 1 or same_pool)
+            ):
                 # Same weights as before (e.g. the master restarted): keep them; only the KV
                 # pool (a TP group keeps its own, hence same_pool) and the next hop are rebuilt.
-                self.servicer.install(stage.loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop,
-                                      stage.runner if tp > 1 else None)
+                self.servicer.install(
+                    stage.loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop, stage.runner if tp > 1 else None
+                )
             else:
                 self.servicer.drop()
                 rng = LayerRange(a.start, a.end, a.num_layers, embed=False, head=False)
                 runner = None
                 if tp > 1:  # ranks 1..N-1 start now and load their shards of the same range
-                    runner = await asyncio.to_thread(start_tp, a.model, a.dtype, self.args.device, rng,
-                                                     a.num_blocks, a.block_size, tp, self.args.host)
+                    runner = await asyncio.to_thread(
+                        start_tp,
+                        a.model,
+                        a.dtype,
+                        self.args.device,
+                        rng,
+                        a.num_blocks,
+                        a.block_size,
+                        tp,
+                        self.args.host,
+                    )
                     loaded = runner.loaded
                 else:
                     loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng)
@@ -133,11 +169,22 @@ class Worker:
             self.holding = None
             return Failed(plan_id=a.plan_id, reason=str(e))
         self.holding = dict(want, loads=self.loads)
-        log.info("serving layers [%d, %d) of %s (loads: %d, next hop: %s)", a.start, a.end, a.model,
-                 self.loads, a.next_hop or "master")
+        log.info(
+            "serving layers [%d, %d) of %s (loads: %d, next hop: %s)",
+            a.start,
+            a.end,
+            a.model,
+            self.loads,
+            a.next_hop or "master",
+        )
         s = self.status_payload()
-        return Ready(plan_id=a.plan_id, load_seconds=time.perf_counter() - t, mem_used_bytes=s["mem_used_bytes"],
-                     mem_free_bytes=s["mem_free_bytes"], loads=self.loads)
+        return Ready(
+            plan_id=a.plan_id,
+            load_seconds=time.perf_counter() - t,
+            mem_used_bytes=s["mem_used_bytes"],
+            mem_free_bytes=s["mem_free_bytes"],
+            loads=self.loads,
+        )
 
     async def on_drain(self, reason: str) -> None:
         log.info("drained: %s", reason)
@@ -156,8 +203,15 @@ async def run(args: argparse.Namespace) -> int:
     address = f"{args.host}:{port}"
     worker = Worker(args, servicer, address)
     log.info("worker %s: gRPC on %s, joining %s", node_id, address, ", ".join(args.master))
-    client = ControlClient(args.master, node_id, args.join_token, worker.register_payload,
-                           worker.on_assign, worker.on_drain, worker.status_payload)
+    client = ControlClient(
+        args.master,
+        node_id,
+        args.join_token,
+        worker.register_payload,
+        worker.on_assign,
+        worker.on_drain,
+        worker.status_payload,
+    )
     try:
         await client.run()
     finally:
@@ -167,10 +221,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.tp < 1:
-        print("error: --tp must be >= 1", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

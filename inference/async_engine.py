@@ -3,19 +3,22 @@
 The model loop runs in its own thread and sleeps on a `threading.Event` when there is
 nothing to do (no busy polling). The event loop hands it requests and aborts through a
 thread-safe inbox; outputs travel back through each request's `asyncio.Queue`.
-Invariant: only the model thread touches the Engine after `start()`."""
+Nothing outside this module holds the Engine: `ui/` and `cluster/` use AsyncEngine's methods."""
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import SamplingParams
 from .engine import Engine, RequestOutput
 from .errors import InferenceError, InvalidParameter, StageFailure
+from .runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,19 @@ class EngineNotReady(InferenceError):
     """The model is still loading (or waiting for its workers)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the status page, the chat page and the master's node row show about the loaded
+    model; fixed once the Engine is attached."""
+
+    device: str
+    layer_start: int  # decoder layers [layer_start, layer_end) this process runs itself
+    layer_end: int
+    num_layers: int  # of the whole model
+    max_model_len: int
+    generation_config: dict[str, Any]  # the model's generation_config.json ({} if none)
+
+
 @dataclass(slots=True)
 class _Pending:
     prompt: list[int]
@@ -53,59 +69,89 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine | None, model_name: str):
+    """The one door to the model for `ui/` and `cluster/`: requests (`generate`), what they
+    need to build them (`encode`, `encode_chat`, `check_length`, `tokenizer`), what they show
+    (`stats`, `info`), and the cluster's levers (`swap_runner`, `set_unavailable`).
+
+    Invariants: only the model thread touches the Engine's mutable state (scheduler, KV,
+    runner) after `start()`; the other methods read what never changes once attached (the
+    tokenizer, the config, the context length). Availability changes only under `_lock`."""
+
+    def __init__(
+        self, engine: Engine | None, model_name: str, on_stage_failure: Callable[[StageFailure], None] | None = None
+    ):
         """`engine` may be None while the model loads; `attach` it later. The HTTP server
-        is up meanwhile, answering 503 until then."""
-        self.engine = engine
+        is up meanwhile, answering 503 until then. `on_stage_failure(e)` is called from the
+        model thread after a broken pipeline failed its requests (the cluster re-plans)."""
+        self._engine = engine
         self.model_name = model_name
+        self._on_stage_failure = on_stage_failure
         self._inbox: deque[tuple[str, _Pending]] = deque()
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._streams: dict[int, _Pending] = {}  # model thread only
         self._error: BaseException | None = None
-        # Set while the pipeline is broken (a stage died): requests get 503 until a new
-        # runner is swapped in. `on_stage_failure` (set by the cluster manager) is called
-        # from the model thread with the failure.
-        self.unavailable: str | None = None
-        self.on_stage_failure = None
-        self._swap = None  # a runner waiting to replace the engine's at the next idle moment
-        self._swap_lock = threading.Lock()  # hands `_swap` from the event loop to the model thread
-        # Called with every runner the engine stops using (replaced, or superseded before it
-        # was installed), so its owner can close its connections; set by the cluster manager.
-        self.on_runner_retired = None
-        self.finished = 0
-        self.generated_tokens = 0
+        self._lock = threading.Lock()  # guards _unavailable and _swap (event loop <-> model thread)
+        # Set while the pipeline is broken (a stage died) or has no workers: requests get 503
+        # until a new runner is swapped in.
+        self._unavailable: str | None = None
+        self._swap: Runner | None = None  # a runner waiting to replace the engine's at an idle moment
+        self._finished = 0
+        self._generated_tokens = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
-        self.engine = engine
+        """Serve with `engine` from now on (its runner is ready); clears `unavailable`."""
+        with self._lock:
+            self._engine, self._unavailable = engine, None
         self.start()
 
     @property
-    def ready(self) -> bool:
-        return (self.engine is not None and self._thread is not None and self._error is None
-                and self.unavailable is None)
+    def attached(self) -> bool:
+        return self._engine is not None
 
-    def swap_runner(self, runner) -> None:
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return (
+                self._engine is not None
+                and self._thread is not None
+                and self._error is None
+                and self._unavailable is None
+            )
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why requests are refused while a model is attached, or None."""
+        with self._lock:
+            return self._unavailable
+
+    def set_unavailable(self, reason: str) -> None:
+        """Refuse new requests with `reason` until the next `swap_runner` or `attach`."""
+        with self._lock:
+            self._unavailable = reason
+
+    def swap_runner(self, runner: Runner) -> None:
         """Replace the engine's runner (local model <-> pipeline) once no request is in
-        flight; requests that arrive meanwhile wait for it. Clears `unavailable`."""
-        with self._swap_lock:
+        flight; requests that arrive meanwhile wait for it. Clears `unavailable` when it is
+        installed. The runner it replaces, or a waiting one it supersedes, is closed."""
+        with self._lock:
             superseded, self._swap = self._swap, runner
         if superseded is not None and superseded is not runner:
             self._retire(superseded)
         self._wake.set()
 
-    def _retire(self, runner) -> None:
-        if self.on_runner_retired is None or (self.engine is not None and runner is self.engine.runner):
+    def _retire(self, runner: Runner) -> None:
+        if self._engine is not None and runner is self._engine.runner:
             return
         try:
-            self.on_runner_retired(runner)
+            runner.close()
         except Exception:  # a failed close must not stop the model loop
             log.exception("closing a replaced runner failed")
 
     def start(self) -> None:
-        if self.engine is not None and self._thread is None:
+        if self._engine is not None and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
             self._thread.start()
 
@@ -116,6 +162,46 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10)
             self._thread = None
 
+    # -- what callers need to build requests (immutable once attached) ------------------------
+    def _loaded(self) -> Engine:
+        if self._engine is None:
+            raise EngineNotReady(f"model {self.model_name} is still loading")
+        return self._engine
+
+    @property
+    def tokenizer(self):
+        return self._loaded().tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._loaded().max_model_len
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of raw text (blocking: call it off the event loop)."""
+        return self._loaded().encode(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat through the model's template (blocking: off the event loop)."""
+        return self._loaded().encode_chat(messages)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int, param: str = "messages") -> None:
+        self._loaded().check_length(num_prompt_tokens, max_tokens, param)
+
+    def info(self) -> ModelInfo | None:
+        """The loaded model's fixed facts; None while loading."""
+        e = self._engine
+        if e is None:
+            return None
+        rng = e.loaded.layers
+        return ModelInfo(
+            device=e.cfg.device,
+            layer_start=rng.start,
+            layer_end=rng.end,
+            num_layers=rng.num_layers,
+            max_model_len=e.max_model_len,
+            generation_config=e.generation_config,
+        )
+
     # -- requests ---------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; the last one has `finished` set. Leaving the
@@ -124,7 +210,7 @@ class AsyncEngine:
             raise EngineDead(f"the model loop stopped: {self._error}")
         if not self.ready:
             raise EngineNotReady(self.unavailable or f"model {self.model_name} is still loading")
-        self._validate(prompt_token_ids, params)
+        self._loaded().validate_prompt(prompt_token_ids, params.max_tokens)
         req = _Pending(list(prompt_token_ids), params, asyncio.Queue(), asyncio.get_running_loop())
         self._post("add", req)
         done = False
@@ -141,28 +227,26 @@ class AsyncEngine:
             if not done:
                 self._post("abort", req)
 
-    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
-        if not prompt:
-            raise InvalidParameter("prompt", "must not be empty")
-        vocab = self.engine.loaded.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise InvalidParameter("prompt", "token ids must be in the vocabulary")
-        self.engine.check_length(len(prompt), params.max_tokens)
-
     def _post(self, kind: str, req: _Pending) -> None:
         self._inbox.append((kind, req))
         self._wake.set()
 
     def stats(self) -> EngineStats:
-        e = self.engine
+        e = self._engine
         if e is None:
             return EngineStats(self.model_name, 0, 0, 0, 0, 0, 0, 0, 0, 0, ready=False)
         # Plain int reads of state the model thread owns: a status snapshot may be one step old.
         return EngineStats(
-            model=self.model_name, waiting=e.scheduler.num_waiting, running=e.scheduler.num_running,
-            kv_blocks_used=e.kv.num_used_blocks, kv_blocks_free=e.kv.num_free_blocks,
-            kv_blocks_total=e.kv.pool.num_blocks, aborted=e.num_aborted, finished=self.finished,
-            generated_tokens=self.generated_tokens, max_model_len=e.max_model_len,
+            model=self.model_name,
+            waiting=e.scheduler.num_waiting,
+            running=e.scheduler.num_running,
+            kv_blocks_used=e.kv.num_used_blocks,
+            kv_blocks_free=e.kv.num_free_blocks,
+            kv_blocks_total=e.kv.pool.num_blocks,
+            aborted=e.num_aborted,
+            finished=self._finished,
+            generated_tokens=self._generated_tokens,
+            max_model_len=e.max_model_len,
             ready=self.ready,
         )
 
@@ -170,7 +254,7 @@ class AsyncEngine:
     def _deliver(self, req: _Pending, item) -> None:
         req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self, engine: Engine) -> None:
         for _ in range(len(self._inbox)):
             kind, req = self._inbox.popleft()
             if kind == "add" and self._swap is not None:
@@ -178,7 +262,7 @@ class AsyncEngine:
                 continue
             if kind == "add":
                 try:
-                    req.seq_id = self.engine.add_request(req.prompt, req.params)
+                    req.seq_id = engine.add_request(req.prompt, req.params)
                     self._streams[req.seq_id] = req
                 except InferenceError as e:
                     self._deliver(req, e)
@@ -186,49 +270,58 @@ class AsyncEngine:
                     log.exception("request rejected by the engine")
                     self._deliver(req, InvalidParameter("request", f"the engine rejected it: {e}"))
             elif req.seq_id is not None and self._streams.pop(req.seq_id, None) is not None:
-                self.engine.abort(req.seq_id)
+                engine.abort(req.seq_id)
 
-    def _fail_in_flight(self, e: StageFailure) -> None:
+    def _fail_in_flight(self, engine: Engine, e: StageFailure) -> None:
         """A stage died mid-step: end every request with an error now, free its blocks."""
         log.error("pipeline step failed: %s; failing %d requests", e, len(self._streams))
-        self.unavailable = f"a pipeline stage failed ({e}); waiting for the cluster to recover"
+        self.set_unavailable(f"a pipeline stage failed ({e}); waiting for the cluster to recover")
         for seq_id, req in list(self._streams.items()):
-            self.engine.abort(seq_id)
+            engine.abort(seq_id)
             self._deliver(req, StageFailure(str(e)))
         self._streams.clear()
-        for seq in list(self.engine.scheduler.waiting):  # queued ones never reached a stage
-            self.engine.abort(seq.seq_id)
-        if self.on_stage_failure is not None:
-            self.on_stage_failure(e)
+        for seq in list(engine.scheduler.waiting):  # queued ones never reached a stage
+            engine.abort(seq.seq_id)
+        if self._on_stage_failure is not None:
+            try:
+                self._on_stage_failure(e)
+            except Exception:
+                log.exception("on_stage_failure failed")
+
+    def _install_swap(self, engine: Engine) -> None:
+        # Called only when idle: the pool is empty, so no stale KV survives the swap.
+        with self._lock:
+            runner, self._swap = self._swap, None
+            self._unavailable = None
+        assert runner is not None  # only the model thread takes a waiting runner
+        old, engine.runner = engine.runner, runner
+        self._retire(old)
+        log.info("engine runner swapped: %s", type(runner).__name__)
 
     def _run(self) -> None:
+        engine = self._engine
+        assert engine is not None  # start() runs the loop only once an engine is attached
         try:
             while not self._stop:
-                self._drain_inbox()
-                if self._swap is not None and not self.engine.has_work:
-                    # The pool is empty when idle, so no stale KV survives the swap.
-                    with self._swap_lock:
-                        runner, self._swap = self._swap, None
-                    old, self.engine.runner = self.engine.runner, runner
-                    self._retire(old)
-                    self.unavailable = None
-                    log.info("engine runner swapped: %s", type(self.engine.runner).__name__)
+                self._drain_inbox(engine)
+                if self._swap is not None and not engine.has_work:
+                    self._install_swap(engine)
                     continue
-                if not self.engine.has_work:
+                if not engine.has_work:
                     self._wake.wait()
                     self._wake.clear()
                     continue
                 try:
-                    outputs = self.engine.step()
+                    outputs = engine.step()
                 except StageFailure as e:
-                    self._fail_in_flight(e)
+                    self._fail_in_flight(engine, e)
                     continue
                 for out in outputs:
                     req = self._streams.get(out.seq_id)
-                    self.generated_tokens += len(out.token_ids)
+                    self._generated_tokens += len(out.token_ids)
                     if out.finished:
                         self._streams.pop(out.seq_id, None)
-                        self.finished += 1
+                        self._finished += 1
                     if req is not None:
                         self._deliver(req, out)
         except BaseException as e:  # keep serving errors, not hangs, to every waiting client

@@ -1,4 +1,5 @@
 """Typed configuration: the model's shape, the engine's knobs, one request's sampling."""
+
 from __future__ import annotations
 
 import math
@@ -33,12 +34,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModel(
-                f"num_attention_heads {self.num_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_kv_heads}"
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}"
             )
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             # GGUF-derived configs name only the model_type.
@@ -74,6 +74,11 @@ class ModelConfig:
             eos_token_ids=eos_ids,
         )
 
+    def kv_block_bytes(self, num_layers: int, block_size: int, dtype_bytes: int) -> int:
+        """Bytes one KV-cache block costs over `num_layers` layers, keys and values, all KV
+        heads (the one rule behind pool sizing and the layer planner)."""
+        return 2 * num_layers * block_size * self.num_kv_heads * self.head_dim * dtype_bytes
+
 
 @dataclass(frozen=True, slots=True)
 class LayerRange:
@@ -97,15 +102,14 @@ class LayerRange:
         if not 0 <= self.start <= self.end <= self.num_layers or (
             self.start == self.end and not (self.embed or self.head)
         ):
-            raise InvalidParameter(
-                "layers", f"range [{self.start}, {self.end}) is not inside 0..{self.num_layers}"
-            )
+            raise InvalidParameter("layers", f"range [{self.start}, {self.end}) is not inside 0..{self.num_layers}")
 
     def __len__(self) -> int:
         return self.end - self.start
 
 
 ATTN_BACKENDS = ("sdpa", "xformers", "flash")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(slots=True)
@@ -126,8 +130,8 @@ class EngineConfig:
     tp: int = 1
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise InvalidParameter("dtype", f"{self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.dtype not in DTYPE_NAMES:
+            raise InvalidParameter("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
         if self.attn not in ATTN_BACKENDS:
             raise InvalidParameter("attn", f"{self.attn!r} is not one of {', '.join(ATTN_BACKENDS)}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:

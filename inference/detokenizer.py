@@ -1,4 +1,5 @@
 """Token ids -> streamed text: incremental detokenizing, stop strings, chat templates."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -37,21 +38,19 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         # No clean-up: it rewrites spaces around punctuation differently for different windows.
-        return self._tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes ('' if none yet)."""
         self._tokens.append(token_id)
-        prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._tokens[self._prefix_offset:])
+        prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._tokens[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             # A special token (decodes to nothing) or an incomplete UTF-8 sequence: wait.
             return ""
-        delta = new_text[len(prefix_text):]
+        delta = new_text[len(prefix_text) :]
         # Only a window is needed from here on; drop older tokens so memory stays bounded.
-        del self._tokens[:self._read_offset]
+        del self._tokens[: self._read_offset]
         self._prefix_offset = 0
         self._read_offset = len(self._tokens)
         self._chunks.append(delta)
@@ -93,8 +92,8 @@ class StopChecker:
             self.stopped, self._held = True, ""
             return buf[:at], True
         keep = self._partial_tail(buf)
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
 
     def _partial_tail(self, buf: str) -> int:
         longest = min(len(buf), max(len(s) for s in self._stops) - 1)
@@ -120,9 +119,7 @@ def apply_chat_template(
             "this model's tokenizer has no chat template; use /v1/completions with a plain prompt",
         )
     try:
-        out = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True
-        )
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     except (TemplateError, ValueError, TypeError, KeyError) as e:
         # The template rejecting the messages (a bad role, a missing field) is a user error.
         raise InvalidParameter("messages", f"chat template failed: {e}") from e

@@ -10,6 +10,7 @@ use the stage's advertised address (`--host`, 127.0.0.1 by default) and the inte
 that holds it: `GLOO_SOCKET_IFNAME` (and `NCCL_SOCKET_IFNAME` for NCCL's bootstrap) are set
 to that interface unless the user already set them. A wildcard or unknown host falls back
 to loopback, which is also what an all-local group needs."""
+
 from __future__ import annotations
 
 import datetime
@@ -61,8 +62,9 @@ def kv_head_start(num_kv_heads: int, rank: int, size: int) -> int:
 
 
 def valid_tp_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
-    return [n for n in range(1, num_heads + 1)
-            if num_heads % n == 0 and (num_kv_heads % n == 0 or n % num_kv_heads == 0)]
+    return [
+        n for n in range(1, num_heads + 1) if num_heads % n == 0 and (num_kv_heads % n == 0 or n % num_kv_heads == 0)
+    ]
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
@@ -75,8 +77,10 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     if cfg.num_heads % tp:
         why = f"its {cfg.num_heads} attention heads do not divide by {tp}"
     else:
-        why = (f"its {cfg.num_kv_heads} KV heads neither divide by {tp} nor divide {tp} "
-               f"(KV heads are split, or replicated when N is a multiple of them)")
+        why = (
+            f"its {cfg.num_kv_heads} KV heads neither divide by {tp} nor divide {tp} "
+            f"(KV heads are split, or replicated when N is a multiple of them)"
+        )
     raise UnsupportedModel(f"--tp {tp} cannot split this model: {why}; --tp can be {ok}")
 
 

@@ -2,12 +2,15 @@
 
 `Engine.step()` schedules a batch, runs the model, samples, detokenizes and decides
 which requests finished. The async wrapper (streams, abort on disconnect) builds on it."""
+
 from __future__ import annotations
 
 import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -17,7 +20,8 @@ from .detokenizer import IncrementalDetokenizer, StopChecker, apply_chat_templat
 from .errors import InvalidParameter
 from .kv_cache import KVCacheManager
 from .loader import DTYPES, LoadedModel, load_model
-from .model_runner import ModelRunner, kv_block_bytes
+from .model_runner import ModelRunner
+from .runner import Runner
 from .sampler import SampleOutput, Sampler, SamplerState
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -56,9 +60,11 @@ class _Request:
 
 
 def kv_pool_blocks(cfg: EngineConfig, mcfg: ModelConfig, num_layers: int, cuda_device: str | None = None) -> int:
-    """The default KV pool for `num_layers` layers: cfg.kv_cache_gb if set, else enough for
-    max_batch full contexts, capped by device memory (and at 1 GiB on CPU)."""
-    block_bytes = kv_block_bytes(mcfg, num_layers, cfg.block_size, DTYPES[cfg.dtype])
+    """The KV pool for `num_layers` layers: cfg.kv_cache_gb if set, else enough for
+    max_batch full contexts, capped by device memory (and at 1 GiB on CPU). The one sizing
+    rule: a single process, a TP group and a pipeline (all layers' worth, so every stage
+    holds the same block ids) all use it."""
+    block_bytes = mcfg.kv_block_bytes(num_layers, cfg.block_size, DTYPES[cfg.dtype].itemsize)
     if cfg.kv_cache_gb is not None:
         budget = cfg.kv_cache_gb * 2**30
     else:
@@ -77,14 +83,26 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _eos_ids(loaded: LoadedModel, tokenizer) -> frozenset[int]:
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """The model's generation_config.json (sampling defaults, extra end-of-turn ids); {} if
+    it has none or it is unreadable (a warning: the model still serves with our defaults)."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        gen = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s: %s", file, e)
+        return {}
+    return gen if isinstance(gen, dict) else {}
+
+
+def _eos_ids(loaded: LoadedModel, tokenizer, gen: dict[str, Any]) -> frozenset[int]:
     ids = set(loaded.config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    gen = loaded.path / "generation_config.json"
-    if gen.is_file():  # Llama 3 style checkpoints list several end-of-turn tokens here
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    eos = gen.get("eos_token_id")  # Llama 3 style checkpoints list several end-of-turn tokens here
+    ids.update(t for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int))
     return frozenset(ids)
 
 
@@ -92,8 +110,14 @@ class Engine:
     """Invariant: every sequence in `_requests` is known to the scheduler (waiting or
     running) and leaves both at once when it finishes or is aborted."""
 
-    def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None, tokenizer=None,
-                 num_blocks: int | None = None, runner=None):
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        loaded: LoadedModel | None = None,
+        tokenizer=None,
+        num_blocks: int | None = None,
+        runner: Runner | None = None,
+    ):
         """`runner` replaces the local ModelRunner (the pipeline master passes one that sends
         steps to its stages); then `num_blocks`, the pool every stage holds, is required."""
         self.cfg = cfg
@@ -103,20 +127,27 @@ class Engine:
         self.load_seconds = time.perf_counter() - t0
         mcfg = self.loaded.config
         dtype = DTYPES[cfg.dtype]
-        block_bytes = kv_block_bytes(mcfg, len(self.loaded.layers), cfg.block_size, dtype)
+        block_bytes = mcfg.kv_block_bytes(len(self.loaded.layers), cfg.block_size, dtype.itemsize)
         if num_blocks is None:
             num_blocks = kv_pool_blocks(cfg, mcfg, len(self.loaded.layers))
         self.kv = KVCacheManager(num_blocks, cfg.block_size)
         self.max_model_len = min(cfg.max_model_len or mcfg.max_position, mcfg.max_position, self.kv.capacity_tokens)
-        self.runner = runner or ModelRunner(self.loaded.model, mcfg, self.loaded.layers, num_blocks,
-                                            cfg.block_size, dtype, cfg.device)
+        self.runner: Runner = runner or ModelRunner(
+            self.loaded.model, mcfg, self.loaded.layers, num_blocks, cfg.block_size, dtype, cfg.device
+        )
         self.scheduler = Scheduler(self.kv, cfg.max_batch, cfg.max_batch_tokens)
         self.sampler = Sampler()
-        self.eos_ids = _eos_ids(self.loaded, self.tokenizer)
+        self.generation_config = read_generation_config(self.loaded.path)
+        self.eos_ids = _eos_ids(self.loaded, self.tokenizer, self.generation_config)
         self._requests: dict[int, _Request] = {}
         self.num_aborted = 0
-        log.info("KV cache: %d blocks of %d tokens (%.2f GiB); max context %d",
-                 num_blocks, cfg.block_size, num_blocks * block_bytes / 2**30, self.max_model_len)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB); max context %d",
+            num_blocks,
+            cfg.block_size,
+            num_blocks * block_bytes / 2**30,
+            self.max_model_len,
+        )
 
     # -- requests ---------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -127,22 +158,38 @@ class Engine:
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int, param: str = "messages") -> None:
         if num_prompt_tokens + 1 > self.max_model_len:
-            raise InvalidParameter(param, f"the prompt has {num_prompt_tokens} tokens; this model's context is {self.max_model_len}")
+            raise InvalidParameter(
+                param, f"the prompt has {num_prompt_tokens} tokens; this model's context is {self.max_model_len}"
+            )
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise InvalidParameter(
-                "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of {self.max_model_len} tokens")
+                "max_tokens",
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens",
+            )
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def validate_prompt(self, prompt_token_ids: list[int], max_tokens: int) -> None:
+        """InvalidParameter unless the prompt is non-empty, in the vocabulary, and fits the
+        context with `max_tokens` more. Reads only fixed state: safe from any thread."""
         if not prompt_token_ids:
             raise InvalidParameter("prompt", "must not be empty")
-        if any(not 0 <= t < self.loaded.config.vocab_size for t in prompt_token_ids):
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidParameter("prompt", "token ids must be in the vocabulary")
-        self.check_length(len(prompt_token_ids), 1, "prompt")
+        self.check_length(len(prompt_token_ids), max_tokens, "prompt")
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        # One token of room is enough here: a request that reaches the context ends with "length".
+        self.validate_prompt(prompt_token_ids, 1)
         seq = Sequence(list(prompt_token_ids), params)
         eos = frozenset() if params.ignore_eos else self.eos_ids
-        req = _Request(seq, SamplerState(params, seq.prompt_token_ids),
-                       IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
-                       StopChecker(params.stop), eos | frozenset(params.stop_token_ids))
+        req = _Request(
+            seq,
+            SamplerState(params, seq.prompt_token_ids),
+            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
+            StopChecker(params.stop),
+            eos | frozenset(params.stop_token_ids),
+        )
         self.scheduler.add(seq)
         self._requests[seq.seq_id] = req
         return seq.seq_id
@@ -161,8 +208,11 @@ class Engine:
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        outputs = [self._final(self._requests.pop(s.seq_id), s.finish_reason or "length")
-                   for s in out.finished if s.seq_id in self._requests]
+        outputs = [
+            self._final(self._requests.pop(s.seq_id), s.finish_reason or "length")
+            for s in out.finished
+            if s.seq_id in self._requests
+        ]
         if not out.scheduled:
             return outputs
         inputs = self.runner.prepare(out.scheduled)
@@ -194,17 +244,27 @@ class Engine:
             text += req.stop.flush()
             self.scheduler.finish(seq, reason)
             del self._requests[seq.seq_id]
-        return RequestOutput(seq.seq_id, text, [tok], reason is not None, reason,
-                             seq.num_prompt_tokens, len(seq.output_token_ids),
-                             [sample] if sample.logprob is not None else [])
+        return RequestOutput(
+            seq.seq_id,
+            text,
+            [tok],
+            reason is not None,
+            reason,
+            seq.num_prompt_tokens,
+            len(seq.output_token_ids),
+            [sample] if sample.logprob is not None else [],
+        )
 
     def _final(self, req: _Request, reason: str) -> RequestOutput:
         seq = req.seq
-        return RequestOutput(seq.seq_id, req.stop.flush(), [], True, reason,
-                             seq.num_prompt_tokens, len(seq.output_token_ids))
+        return RequestOutput(
+            seq.seq_id, req.stop.flush(), [], True, reason, seq.num_prompt_tokens, len(seq.output_token_ids)
+        )
 
     # -- convenience --------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[tuple[list[int], str, str]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[tuple[list[int], str, str]]:
         """Run prompts to completion; returns (token ids, text, finish reason) per prompt."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
@@ -215,5 +275,5 @@ class Engine:
                 toks += o.token_ids
                 texts.append(o.text)
                 if o.finished:
-                    reason.append(o.finish_reason)
+                    reason.append(o.finish_reason or "stop")
         return [(acc[i][0], "".join(acc[i][1]), acc[i][2][0]) for i in ids]

@@ -2,6 +2,7 @@
 
 Callers (the CLI, the HTTP API) turn these into one clear line or an OpenAI error
 body; none of them should ever surface as a traceback."""
+
 from __future__ import annotations
 
 
@@ -30,9 +31,7 @@ class CacheFull(InferenceError):
     """The KV block pool cannot hold what was asked of it."""
 
     def __init__(self, needed: int, free: int, total: int):
-        super().__init__(
-            f"KV cache full: needed {needed} blocks, {free} free of {total}"
-        )
+        super().__init__(f"KV cache full: needed {needed} blocks, {free} free of {total}")
         self.needed = needed
         self.free = free
         self.total = total

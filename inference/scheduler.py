@@ -11,6 +11,7 @@ Pure Python (no torch, no I/O, no threads); the engine owns the step loop:
 The policy follows vLLM v1: one token budget per step shared by decodes and (chunked)
 prefills, running sequences first, then FCFS admission by free KV blocks, and preemption
 by recompute when the pool runs out."""
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,7 @@ class ScheduledSeq:
         self.start = self.seq.num_computed_tokens
         if not 1 <= self.num_new_tokens <= self.seq.num_uncomputed_tokens:
             raise ValueError(
-                f"seq {self.seq.seq_id}: {self.num_new_tokens} new tokens, "
-                f"{self.seq.num_uncomputed_tokens} uncomputed"
+                f"seq {self.seq.seq_id}: {self.num_new_tokens} new tokens, {self.seq.num_uncomputed_tokens} uncomputed"
             )
         self.needs_sample = self.start + self.num_new_tokens == self.seq.num_tokens
 
@@ -184,12 +184,7 @@ class Scheduler:
         # Then admit waiting sequences, strictly FCFS: when the head does not fit, nothing
         # behind it jumps ahead (a long prompt is never starved by a stream of short ones).
         # After a preemption the pool is known to be short, so nothing is admitted.
-        while (
-            self._waiting
-            and not out.preempted
-            and budget > 0
-            and len(self._running) < self.max_batch
-        ):
+        while self._waiting and not out.preempted and budget > 0 and len(self._running) < self.max_batch:
             seq = self._waiting[0]
             if self._exceeds_pool(seq):
                 self._end(seq, "length")
@@ -227,6 +222,9 @@ class Scheduler:
         self._waiting.appendleft(seq)
         logger.info(
             "preempted seq %d (%d tokens) for lack of KV blocks; %d running, %d waiting",
-            seq.seq_id, seq.num_tokens, len(self._running), len(self._waiting),
+            seq.seq_id,
+            seq.num_tokens,
+            len(self._running),
+            len(self._waiting),
         )
         return seq

@@ -1,4 +1,5 @@
 """One generation request as the scheduler and the engine see it."""
+
 from __future__ import annotations
 
 import enum

@@ -5,6 +5,7 @@ It joins the group through rank 0's rendezvous store, loads its own shard of the
 range, allocates its share of the KV pool, then runs whatever rank 0 broadcasts until a
 STOP header (inference.tp_step). It exits when rank 0's process is gone, so a killed
 master or worker leaves no rank behind."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ log = logging.getLogger("tp_rank")
 def watch_parent(pid: int) -> None:
     """Rank 0 may die without sending STOP (SIGKILL): then this rank would wait in a
     broadcast forever. Re-parenting is the sign."""
+
     def loop() -> None:
         while os.getppid() == pid:
             threading.Event().wait(1.0)
@@ -50,6 +52,8 @@ def serve(runner: ModelRunner, device: torch.device, dtype: torch.dtype) -> None
             hidden = runner.forward(inputs, received)
         elif h.cmd == Cmd.LOGITS:
             rows = receive_logits(h, device)
+            if inputs is None or hidden is None:  # rank 0 always sends FORWARD first
+                raise RuntimeError("TP command LOGITS before any FORWARD")
             inputs.sample_rows = rows
             runner.logits(inputs, hidden)  # this rank's vocabulary slice goes to rank 0
         else:
@@ -79,14 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     if not device.startswith("cuda"):
         torch.set_num_threads(args.threads)
     try:
-        store = dist.TCPStore(args.addr, args.port, args.world, is_master=False,
-                              timeout=datetime.timedelta(seconds=120))
+        store = dist.TCPStore(
+            args.addr, args.port, args.world, is_master=False, timeout=datetime.timedelta(seconds=120)
+        )
         init_group(store, args.rank, args.world, device)
-        rng = LayerRange(args.layers[0], args.layers[1], args.layers[2], embed=bool(args.ends[0]),
-                         head=bool(args.ends[1]))
+        rng = LayerRange(
+            args.layers[0], args.layers[1], args.layers[2], embed=bool(args.ends[0]), head=bool(args.ends[1])
+        )
         loaded = load_model(args.model, args.dtype, device, rng, args.attn)
-        runner = ModelRunner(loaded.model, loaded.config, loaded.layers, args.num_blocks, args.block_size,
-                             DTYPES[args.dtype], device)
+        runner = ModelRunner(
+            loaded.model, loaded.config, loaded.layers, args.num_blocks, args.block_size, DTYPES[args.dtype], device
+        )
         dist.barrier()
         serve(runner, runner.device, DTYPES[args.dtype])
     except Exception as e:

@@ -5,13 +5,14 @@ settings on the command line: nothing pickled), joins them in a torch.distribute
 (gloo on CPU, nccl on CUDA) whose rendezvous store rank 0 opens on the stage's advertised
 address, loads its own shard while they load theirs, and returns a `TPRunner`.
 
-`TPRunner` has ModelRunner's interface (prepare / forward / logits), so the Engine and the
-stage servicer use it unchanged: each call first broadcasts the step (inference.tp_step),
-then runs rank 0's shard, whose collectives meet the other ranks'.
+`TPRunner` implements the `Runner` protocol, so the Engine and the stage servicer use it
+unchanged: each call first broadcasts the step (inference.tp_step), then runs rank 0's
+shard, whose collectives meet the other ranks'.
 
 Lifetime: `close()` (also run at exit) broadcasts a STOP header and waits for the ranks.
 A TP group is all-or-nothing — a collective with a missing rank waits forever — so rank 0
 exits with an error if a rank dies, and each rank exits when rank 0's process is gone."""
+
 from __future__ import annotations
 
 import atexit
@@ -29,8 +30,9 @@ import torch.distributed as dist
 from .config import EngineConfig, LayerRange
 from .distributed import bind_address, check_tp, close_group, init_group, pin_interface, rank_device
 from .loader import DTYPES, LoadedModel, load_model, read_config
-from .model_runner import ModelRunner, StepInputs
+from .model_runner import ModelRunner
 from .model_source import resolve_model
+from .runner import StepInputs
 from .scheduler import ScheduledSeq
 from .tp_step import Cmd, Header, send_forward, send_logits
 
@@ -73,20 +75,61 @@ class RankProcesses:
                 p.wait()
 
 
-def _spawn(rank: int, tp: int, addr: str, port: int, path: Path, rng: LayerRange, dtype: str, device: str,
-           num_blocks: int, block_size: int, attn: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "inference.tp_rank", "--rank", str(rank), "--world", str(tp),
-           "--addr", addr, "--port", str(port), "--model", str(path),
-           "--layers", str(rng.start), str(rng.end), str(rng.num_layers),
-           "--ends", str(int(rng.embed)), str(int(rng.head)), "--dtype", dtype, "--device", device,
-           "--num-blocks", str(num_blocks), "--block-size", str(block_size), "--attn", attn,
-           "--parent", str(os.getpid()), "--threads", str(threads_per_rank(tp))]
+def _spawn(
+    rank: int,
+    tp: int,
+    addr: str,
+    port: int,
+    path: Path,
+    rng: LayerRange,
+    dtype: str,
+    device: str,
+    num_blocks: int,
+    block_size: int,
+    attn: str,
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "inference.tp_rank",
+        "--rank",
+        str(rank),
+        "--world",
+        str(tp),
+        "--addr",
+        addr,
+        "--port",
+        str(port),
+        "--model",
+        str(path),
+        "--layers",
+        str(rng.start),
+        str(rng.end),
+        str(rng.num_layers),
+        "--ends",
+        str(int(bool(rng.embed))),
+        str(int(bool(rng.head))),
+        "--dtype",
+        dtype,
+        "--device",
+        device,
+        "--num-blocks",
+        str(num_blocks),
+        "--block-size",
+        str(block_size),
+        "--attn",
+        attn,
+        "--parent",
+        str(os.getpid()),
+        "--threads",
+        str(threads_per_rank(tp)),
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
 
 
 class TPRunner:
-    """ModelRunner's interface over a TP group. Invariant: every rank has run exactly the
+    """The `Runner` of a TP group (rank 0's end). Invariant: every rank has run exactly the
     commands rank 0 broadcast, in order (one lock serialises them); after `close()` or a
     failed step the group is gone and further steps raise."""
 
@@ -123,8 +166,9 @@ class TPRunner:
 
     @torch.inference_mode()
     def logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
-        return self._run(lambda: send_logits(inputs.sample_rows, self._device),
-                         lambda: self.local.logits(inputs, hidden))
+        return self._run(
+            lambda: send_logits(inputs.sample_rows, self._device), lambda: self.local.logits(inputs, hidden)
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -149,8 +193,17 @@ class TPRunner:
         log.info("TP group of %d ended: %s", self.tp, reason)
 
 
-def start_tp(source: str, dtype: str, device: str, rng: LayerRange | tuple[int, int] | None, num_blocks: int,
-             block_size: int, tp: int, host: str | None = "127.0.0.1", attn: str = "sdpa") -> TPRunner:
+def start_tp(
+    source: str,
+    dtype: str,
+    device: str,
+    rng: LayerRange | tuple[int, int] | None,
+    num_blocks: int,
+    block_size: int,
+    tp: int,
+    host: str | None = "127.0.0.1",
+    attn: str = "sdpa",
+) -> TPRunner:
     """Start a TP group of `tp` ranks for layer range `rng` of `source`; returns rank 0's
     runner (its `loaded` holds rank 0's shard and the model config)."""
     path = resolve_model(source)
@@ -161,8 +214,9 @@ def start_tp(source: str, dtype: str, device: str, rng: LayerRange | tuple[int, 
     addr = bind_address(host)
     pin_interface(addr)
     store = dist.TCPStore(addr, 0, tp, is_master=True, timeout=_STORE_TIMEOUT, wait_for_workers=False)
-    procs = [_spawn(r, tp, addr, store.port, path, rng, dtype, device, num_blocks, block_size, attn)
-             for r in range(1, tp)]
+    procs = [
+        _spawn(r, tp, addr, store.port, path, rng, dtype, device, num_blocks, block_size, attn) for r in range(1, tp)
+    ]
     ranks = RankProcesses(procs)
     log.info("TP group of %d on %s:%d (%s)", tp, addr, store.port, os.environ.get("GLOO_SOCKET_IFNAME", "default"))
     dev = rank_device(device, 0)

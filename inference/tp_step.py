@@ -5,6 +5,7 @@ sizes. A forward step then broadcasts one int64 payload — q_lens, ctx_lens, po
 slot_mapping, block_tables (and token ids on an embedding stage), concatenated — and, on
 a stage that receives hidden states, one [T, H] tensor in the model's dtype. Three
 broadcasts at most per step, no objects, no pickle."""
+
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
@@ -14,7 +15,7 @@ import torch
 
 from .distributed import broadcast
 from .layers.attention import build_metadata
-from .model_runner import StepInputs
+from .runner import StepInputs
 
 
 class Cmd(IntEnum):
@@ -49,13 +50,18 @@ def send_forward(inputs: StepInputs, hidden: torch.Tensor | None, device: torch.
     meta = inputs.meta
     seqs, width = meta.block_tables.shape
     tokens = inputs.positions.numel()
-    parts = [torch.tensor(meta.q_lens + meta.ctx_lens, dtype=torch.long, device=device),
-             inputs.positions, meta.slot_mapping, meta.block_tables.reshape(-1)]
+    parts = [
+        torch.tensor(meta.q_lens + meta.ctx_lens, dtype=torch.long, device=device),
+        inputs.positions,
+        meta.slot_mapping,
+        meta.block_tables.reshape(-1),
+    ]
     if hidden is None:
         parts.append(inputs.token_ids)
     payload = torch.cat([p.to(device, torch.long) for p in parts])
-    Header(Cmd.FORWARD, tokens, seqs, width, meta.num_decodes, meta.block_size,
-           0 if hidden is None else hidden.shape[-1]).send(device)
+    Header(
+        Cmd.FORWARD, tokens, seqs, width, meta.num_decodes, meta.block_size, 0 if hidden is None else hidden.shape[-1]
+    ).send(device)
     broadcast(payload)
     if hidden is not None:
         broadcast(hidden.to(device).contiguous())
@@ -69,8 +75,9 @@ def receive_forward(h: Header, device: torch.device, dtype: torch.dtype) -> tupl
     hidden = None
     if h.hidden_dim:
         hidden = broadcast(torch.empty(T, h.hidden_dim, dtype=dtype, device=device))
-    meta = build_metadata(slots, tables.view(S, h.width), q_lens.tolist(), ctx_lens.tolist(),
-                          h.num_decodes, h.block_size)
+    meta = build_metadata(
+        slots, tables.view(S, h.width), q_lens.tolist(), ctx_lens.tolist(), h.num_decodes, h.block_size
+    )
     token_ids = ids[0] if ids else positions  # unused where hidden states come in
     return StepInputs([], token_ids, positions, meta, [], []), hidden
 

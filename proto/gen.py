@@ -5,6 +5,7 @@
 
 Needs grpcio-tools (requirements-dev.txt); the runtime needs only grpcio and protobuf.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ def generate(out_dir: Path) -> list[Path]:
     # Run from PROTO_DIR with relative paths: protoc embeds the proto's path in the serialized
     # descriptor, so an absolute path would make the output depend on where the repo lives.
     cmd = [
-        sys.executable, "-m", "grpc_tools.protoc", "-I.",
-        f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        "-I.",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
         *PROTOS,
     ]
     subprocess.run(cmd, cwd=PROTO_DIR, check=True)
@@ -58,7 +64,8 @@ def check() -> int:
     """0 if the checked-in stubs equal freshly generated ones, else 1 (naming the stale files)."""
     with tempfile.TemporaryDirectory() as tmp:
         stale = [
-            p.name for p in generate(Path(tmp))
+            p.name
+            for p in generate(Path(tmp))
             if not (PROTO_DIR / p.name).is_file() or (PROTO_DIR / p.name).read_bytes() != p.read_bytes()
         ]
     if stale:

@@ -2,6 +2,7 @@
 loopback port, driven by the official `openai` client (and httpx for raw bodies).
 
 Two servers per module, started together: one open, one with --api-key."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from .conftest import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,17 +44,22 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(log_dir: Path, name: str, *extra: str) -> Server:
-    port = _free_port()
+    port = free_port()
     log = log_dir / f"{name}.log"
-    cmd = [sys.executable, "app.py", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port),
-           "--kv-cache-gb", "0.25", *extra]
+    cmd = [
+        sys.executable,
+        "app.py",
+        "--model",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--kv-cache-gb",
+        "0.25",
+        *extra,
+    ]
     # OpenMP's default spin-waiting collapses when the 2 cores are shared with other
     # processes (pytest, the second server): decode steps measured 3-6x slower. Passive
     # waiting costs ~10% on an idle machine.
@@ -142,8 +150,16 @@ def test_models_list_and_retrieve(client, server):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     st = _status(server)
     assert st["model"] == MODEL and st["ready"] is True
-    for key in ("waiting", "running", "kv_blocks_used", "kv_blocks_free", "kv_blocks_total",
-                "aborted", "finished", "max_model_len"):
+    for key in (
+        "waiting",
+        "running",
+        "kv_blocks_used",
+        "kv_blocks_free",
+        "kv_blocks_total",
+        "aborted",
+        "finished",
+        "max_model_len",
+    ):
         assert isinstance(st[key], int), key
 
 
@@ -184,17 +200,19 @@ def test_chat_stream_raw_sse(server):
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
-    last = json.loads(lines[-2][len("data: "):])
+    last = json.loads(lines[-2][len("data: ") :])
     assert last["choices"][0]["finish_reason"] == "length" and last["choices"][0]["delta"] == {}
 
 
 def test_content_parts_and_roles(client, tokenizer):
     from inference.detokenizer import apply_chat_template
 
-    parts = [{"role": "system", "content": "Be brief."},
-             {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
-             {"role": "assistant", "content": "Hello!"},
-             {"role": "user", "content": "Bye"}]
+    parts = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
     r = _chat(client, messages=parts, temperature=0, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
     # Text parts are joined with newlines before templating.
@@ -228,7 +246,7 @@ def test_stop_string(client):
     r = complete(stop=[stop, "unlikely-stop-xyz"])
     text = r.choices[0].text
     assert r.choices[0].finish_reason == "stop"
-    assert stop not in text and text == full[:full.index(stop)]
+    assert stop not in text and text == full[: full.index(stop)]
 
 
 def test_seed_reproducible(client):
@@ -279,8 +297,9 @@ def test_completions_string_and_list(client, tokenizer):
     assert [c.text for c in both.choices] == [s.choices[0].text for s in singles]
     assert both.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
     assert both.usage.completion_tokens == 8
-    stream = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=4, temperature=0, stream=True,
-                                       stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model=MODEL, prompt=prompts[0], max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == singles[0].choices[0].text
     assert chunks[-1].usage.completion_tokens == 4
@@ -303,21 +322,26 @@ def test_concurrent_streams_match_solo_runs(server):
 
     together = asyncio.run(run_all())
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0).choices[0].text
-             for p in prompts]
+    alone = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0).choices[0].text for p in prompts
+    ]
     assert together == alone
     assert all(together)
 
 
-def _wait_idle(server: Server, timeout: float = 15) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = _status(server)
-        if st["running"] == 0 and st["waiting"] == 0 and st["kv_blocks_used"] == 0:
-            return st
-        if time.monotonic() > deadline:
-            pytest.fail(f"blocks not freed: {st}")
-        time.sleep(0.05)
+def _wait_idle(server: Server, timeout: float = 60) -> dict:
+    """The server's status once nothing runs and every KV block is free (the time-out only
+    stops a hang: a request that was not aborted would still be decoding its 2000 tokens)."""
+    last: dict = {}
+
+    def idle() -> dict | None:
+        last.update(st := _status(server))
+        return st if st["running"] == 0 and st["waiting"] == 0 and st["kv_blocks_used"] == 0 else None
+
+    try:
+        return wait_for(idle, timeout, "the engine to go idle and free its blocks", interval=0.05)
+    except AssertionError as e:
+        pytest.fail(f"{e}; last status: {last}")
 
 
 def test_stream_disconnect_frees_blocks(server):
@@ -338,8 +362,15 @@ def test_stream_disconnect_frees_blocks(server):
 
 def test_nonstream_disconnect_aborts(server):
     before = _wait_idle(server)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=LONG, timeout=httpx.Timeout(60, read=1.0))
+    body = json.dumps(LONG).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
+        )
+        # A non-streaming answer comes only at the end: hang up once the engine runs the request.
+        wait_for(lambda: _status(server)["running"] == 1, 60, "the request to start running")
     after = _wait_idle(server)
     assert after["aborted"] == before["aborted"] + 1
 
@@ -357,19 +388,43 @@ ERROR_CASES = [
     ("wrong-type-int", "chat/completions", _msgs(max_tokens=2.5), 400, "max_tokens", None),
     ("missing-messages", "chat/completions", {"model": MODEL}, 400, "messages", None),
     ("empty-messages", "chat/completions", {"model": MODEL, "messages": []}, 400, "messages", None),
-    ("unknown-role", "chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400,
-     "messages[0].role", None),
-    ("image-part", "chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content", None),
+    (
+        "unknown-role",
+        "chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages[0].role",
+        None,
+    ),
+    (
+        "image-part",
+        "chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+        400,
+        "messages[0].content",
+        None,
+    ),
     ("unknown-model", "chat/completions", _msgs(model="gpt-4"), 404, "model", "model_not_found"),
     ("too-long", "chat/completions", _msgs(max_tokens=10**6), 400, "max_tokens", None),
     ("negative-temperature", "chat/completions", _msgs(temperature=-1), 400, "temperature", None),
     ("five-stops", "chat/completions", _msgs(stop=list("abcde")), 400, "stop", None),
-    ("tools", "chat/completions", _msgs(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
-     "tools", "unsupported_parameter"),
+    (
+        "tools",
+        "chat/completions",
+        _msgs(tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
+        "tools",
+        "unsupported_parameter",
+    ),
     ("functions", "chat/completions", _msgs(functions=[{"name": "f"}]), 400, "functions", "unsupported_parameter"),
-    ("response-format", "chat/completions", _msgs(response_format={"type": "json_object"}), 400,
-     "response_format", "unsupported_parameter"),
+    (
+        "response-format",
+        "chat/completions",
+        _msgs(response_format={"type": "json_object"}),
+        400,
+        "response_format",
+        "unsupported_parameter",
+    ),
     ("logit-bias", "chat/completions", _msgs(logit_bias={"1": 5}), 400, "logit_bias", "unsupported_parameter"),
     ("unknown-field", "chat/completions", _msgs(frobnicate=1), 400, "frobnicate", "unsupported_parameter"),
     ("top-logprobs-alone", "chat/completions", _msgs(top_logprobs=2), 400, "top_logprobs", None),
@@ -381,8 +436,7 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path,body,status,param,code", [c[1:] for c in ERROR_CASES],
-                         ids=[c[0] for c in ERROR_CASES])
+@pytest.mark.parametrize("path,body,status,param,code", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
 def test_error_shapes(server, path, body, status, param, code):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(f"{server.url}/v1/{path}", content=raw, headers={"content-type": "application/json"}, timeout=30)
@@ -403,7 +457,7 @@ def test_oversized_body(server):
 
     def chunks():
         for i in range(0, len(big), 64 << 10):
-            yield big[i:i + (64 << 10)]
+            yield big[i : i + (64 << 10)]
 
     r = httpx.post(url, content=chunks(), timeout=30)  # chunked: refused while reading
     assert "content-length" not in r.request.headers

@@ -1,4 +1,5 @@
 """AsyncEngine: concurrent streams, queueing past max_batch, abort frees KV, not-ready."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,8 @@ from inference.async_engine import AsyncEngine, EngineNotReady
 from inference.config import EngineConfig, SamplingParams
 from inference.engine import Engine
 from inference.errors import InvalidParameter
+
+from .conftest import until
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +36,10 @@ async def wait_idle(aeng: AsyncEngine, timeout: float = 10.0) -> None:
 
 
 def test_streams_queue_past_max_batch_and_match_sequential(sync_engine):
-    prompts = [sync_engine.encode_chat([{"role": "user", "content": q}])
-               for q in ("Hi!", "Name a fruit.", "What is 3+4?", "Say hello in Spanish.", "Name a planet.")]
+    prompts = [
+        sync_engine.encode_chat([{"role": "user", "content": q}])
+        for q in ("Hi!", "Name a fruit.", "What is 3+4?", "Say hello in Spanish.", "Name a planet.")
+    ]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     alone = [t for t, _, _ in sync_engine.generate(prompts, greedy)]
 
@@ -92,34 +97,67 @@ def test_errors_before_the_first_token(sync_engine):
     asyncio.run(main())
 
 
-def test_replaced_and_superseded_runners_are_retired_once(sync_engine):
-    """A re-plan swaps runners at an idle moment; every runner the engine stops using, and one
-    superseded before it was installed, goes to on_runner_retired exactly once (the cluster
-    manager closes its stage channel there). The runner in use never does."""
-    original = sync_engine.runner
-    a, b, c = object(), object(), object()
-    retired: list[object] = []
+class FakeRunner:
+    """Stands in for a pipeline: records its close (the AsyncEngine retires runners itself)."""
 
-    async def installed(runner) -> None:
-        while sync_engine.runner is not runner:
-            await asyncio.sleep(0.01)
+    def __init__(self, closed: list) -> None:
+        self.closed = closed
+
+    def close(self) -> None:
+        self.closed.append(self)
+
+
+def test_replaced_and_superseded_runners_are_closed_once(sync_engine):
+    """A re-plan swaps runners at an idle moment; every runner the engine stops using, and one
+    superseded before it was installed, is closed exactly once. The runner in use never is."""
+    original = sync_engine.runner
+    closed: list[object] = []
+    a, b, c = FakeRunner(closed), FakeRunner(closed), FakeRunner(closed)
 
     async def main():
         aeng = AsyncEngine(sync_engine, "smollm2")
-        aeng.on_runner_retired = retired.append
         aeng.swap_runner(a)
         aeng.swap_runner(b)  # the model thread is not running yet: a is never installed
         aeng.start()
         try:
-            await installed(b)
+            await until(lambda: sync_engine.runner is b, what="b installed")
             aeng.swap_runner(c)
-            await installed(c)
-            aeng.swap_runner(c)  # the runner in use: nothing to retire
+            await until(lambda: sync_engine.runner is c, what="c installed")
+            aeng.swap_runner(c)  # the runner in use: nothing to close
         finally:
             await aeng.shutdown()
 
+    closes = []
+    sync_engine.runner.close = lambda: closes.append("original")  # a ModelRunner's close is a no-op
     try:
         asyncio.run(main())
-        assert retired == [a, original, b]
+        assert closed == [a, b] and closes == ["original"]
     finally:
+        del original.close
         sync_engine.runner = original
+
+
+def test_availability_is_set_and_cleared_through_methods(sync_engine):
+    """The cluster marks the engine unavailable (a broken pipeline, missing workers); the next
+    installed runner clears it. Requests meanwhile get EngineNotReady with the reason."""
+    original = sync_engine.runner
+
+    async def main():
+        aeng = AsyncEngine(sync_engine, "smollm2")
+        aeng.start()
+        try:
+            await until(lambda: aeng.ready, what="ready")
+            aeng.set_unavailable("waiting for workers: 0 of 2 connected")
+            assert not aeng.ready and aeng.unavailable.startswith("waiting for workers")
+            with pytest.raises(EngineNotReady, match="waiting for workers"):
+                await collect(aeng, [1, 2, 3], SamplingParams(max_tokens=2))
+            aeng.swap_runner(original)
+            await until(lambda: aeng.ready, what="ready again after the swap")
+            assert aeng.unavailable is None
+            info = aeng.info()
+            assert info is not None and (info.layer_start, info.layer_end, info.num_layers) == (0, 30, 30)
+            assert aeng.max_model_len == info.max_model_len and aeng.encode("hi") == sync_engine.encode("hi")
+        finally:
+            await aeng.shutdown()
+
+    asyncio.run(main())

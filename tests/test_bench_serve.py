@@ -1,5 +1,6 @@
 """bench/serve.py against a tiny in-process fake of the OpenAI streaming API (stdlib only),
 plus one slow end-to-end run with --start-server on the real app."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
@@ -42,7 +45,9 @@ class FakeHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/v1/models":
-            self.send_json({"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "t"}]})
+            self.send_json(
+                {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "t"}]}
+            )
         elif self.path in ("/healthz", "/api/status"):
             self.send_json({"ready": True})
         else:
@@ -98,8 +103,22 @@ def fake():
 
 
 def run_bench(url: str, out: Path, *extra: str) -> dict:
-    rc = serve.main(["--url", url, "--out", str(out), "--concurrency", "1", "4", "--requests-per-level", "8",
-                     "--max-tokens", "16", *extra])
+    rc = serve.main(
+        [
+            "--url",
+            url,
+            "--out",
+            str(out),
+            "--concurrency",
+            "1",
+            "4",
+            "--requests-per-level",
+            "8",
+            "--max-tokens",
+            "16",
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -146,36 +165,77 @@ def test_failed_requests_are_counted_not_fatal(fake, tmp_path):
     assert c4["failed"] == 1 and c4["ok"] == 7 and c4["errors"] == ["HTTP 500: injected"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_is_one_line_and_nonzero(tmp_path):
-    p = subprocess.run([sys.executable, "bench/serve.py", "--url", f"http://127.0.0.1:{free_port()}/v1",
-                        "--out", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "bench/serve.py",
+            "--url",
+            f"http://127.0.0.1:{free_port()}/v1",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 1
     assert p.stderr.startswith("error: cannot reach the server") and p.stderr.count("\n") == 1
     assert "Traceback" not in p.stderr and not (tmp_path / "r.json").exists()
 
 
 def test_help_covers_every_flag():
-    p = subprocess.run([sys.executable, "bench/serve.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "bench/serve.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0
-    for flag in ("--url", "--api-key", "--model", "--concurrency", "--requests-per-level", "--max-tokens",
-                 "--prompt-tokens", "--temperature", "--timeout", "--max-seconds", "--out", "--start-server",
-                 "--server-args", "--server-timeout"):
+    for flag in (
+        "--url",
+        "--api-key",
+        "--model",
+        "--concurrency",
+        "--requests-per-level",
+        "--max-tokens",
+        "--prompt-tokens",
+        "--temperature",
+        "--timeout",
+        "--max-seconds",
+        "--out",
+        "--start-server",
+        "--server-args",
+        "--server-timeout",
+    ):
         assert flag in p.stdout
 
 
 @pytest.mark.slow
 def test_start_server_runs_and_stops_the_real_app(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "bench/serve.py", "--start-server", "--server-args", "--kv-cache-gb 0.25",
-                        "--concurrency", "1", "2", "--requests-per-level", "2", "--max-tokens", "4",
-                        "--prompt-tokens", "50", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "bench/serve.py",
+            "--start-server",
+            "--server-args",
+            "--kv-cache-gb 0.25",
+            "--concurrency",
+            "1",
+            "2",
+            "--requests-per-level",
+            "2",
+            "--max-tokens",
+            "4",
+            "--prompt-tokens",
+            "50",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
     assert [lv["ok"] for lv in res["levels"]] == [2, 2]

@@ -1,11 +1,12 @@
 """The cluster as users run it: a real master (`python app.py --workers 2`) and real
 workers (`python -m cluster.worker`) on loopback, over WebSocket control and gRPC."""
+
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -17,18 +18,12 @@ import pytest
 from inference.config import EngineConfig, SamplingParams
 from inference.engine import Engine
 
+from .conftest import QUESTIONS, free_port
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-join-token"
-QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hi.", "What is the capital of Italy?",
-             "Name a dog breed.", "Count to five.", "What is water made of?", "Give me a fruit."]
 ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -36,8 +31,9 @@ class Proc:
 
     def __init__(self, args: list[str], log: Path):
         self.log = log
-        self.p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV, stdout=log.open("w"),
-                                  stderr=subprocess.STDOUT)
+        self.p = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -77,8 +73,11 @@ def healthy(base: str) -> bool:
 
 
 def chat(base: str, question: str, max_tokens: int = 24) -> str:
-    r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json=dict(
-        messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens))
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=120,
+        json=dict(messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens),
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 
@@ -96,12 +95,25 @@ def cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    master_args = ["app.py", "--no-ui", "--port", str(port), "--workers", "2", "--join-token", TOKEN,
-                   "--kv-cache-gb", "0.1", "--max-batch", "8"]
+    master_args = [
+        "app.py",
+        "--no-ui",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--join-token",
+        TOKEN,
+        "--kv-cache-gb",
+        "0.1",
+        "--max-batch",
+        "8",
+    ]
     procs = {"master": Proc(master_args, logs / "master.log")}
     for name in ("w1", "w2"):
-        procs[name] = Proc(["-m", "cluster.worker", "--master", base, "--join-token", TOKEN, "--node-id", name],
-                           logs / f"{name}.log")
+        procs[name] = Proc(
+            ["-m", "cluster.worker", "--master", base, "--join-token", TOKEN, "--node-id", name], logs / f"{name}.log"
+        )
     wait_for(lambda: healthy(base), 180, "the cluster to serve", list(procs.values()))
     state = dict(base=base, procs=procs, logs=logs, master_args=master_args)
     yield state
@@ -113,7 +125,9 @@ def test_two_workers_equal_single_process_for_8_concurrent_requests(cluster, exp
     s = status(cluster["base"])
     assert s["cluster"]["mode"] == "pipeline"
     assert [(a["node_id"], a["start"], a["end"]) for a in s["cluster"]["plan"]["assignments"]] in (
-        [("w1", 0, 15), ("w2", 15, 30)], [("w2", 0, 15), ("w1", 15, 30)])
+        [("w1", 0, 15), ("w2", 15, 30)],
+        [("w2", 0, 15), ("w1", 15, 30)],
+    )
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda q: chat(cluster["base"], q), QUESTIONS))
     assert got == expected
@@ -122,8 +136,10 @@ def test_two_workers_equal_single_process_for_8_concurrent_requests(cluster, exp
 
 
 def test_wrong_join_token_is_refused(cluster, tmp_path):
-    intruder = Proc(["-m", "cluster.worker", "--master", cluster["base"], "--join-token", "wrong",
-                     "--node-id", "intruder"], tmp_path / "intruder.log")
+    intruder = Proc(
+        ["-m", "cluster.worker", "--master", cluster["base"], "--join-token", "wrong", "--node-id", "intruder"],
+        tmp_path / "intruder.log",
+    )
     try:
         wait_for(lambda: "bad join token" in intruder.text(), 60, "the refusal", [intruder])
     finally:
@@ -144,26 +160,38 @@ def test_master_restart_adopts_workers_without_reload(cluster, expected):
 
 def test_killed_worker_ends_the_request_and_a_new_one_restores_service(cluster, expected):
     base, procs = cluster["base"], cluster["procs"]
-    body = dict(messages=[{"role": "user", "content": "Write a long story about a castle."}],
-                temperature=0, max_tokens=400, stream=True)
+    body = dict(
+        messages=[{"role": "user", "content": "Write a long story about a castle."}],
+        temperature=0,
+        max_tokens=400,
+        stream=True,
+    )
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         for line in lines:  # a few tokens in, kill the second stage
             if line.startswith("data:") and '"content"' in line:
                 break
         procs["w2"].p.kill()
-        t0 = time.monotonic()
-        rest = [line for line in lines]
-    elapsed = time.monotonic() - t0
-    assert elapsed < 10
+        rest = [line for line in lines]  # the client's 60 s read timeout only guards against a hang
     events = [json.loads(x[5:]) for x in rest if x.startswith("data:") and x.strip() != "data: [DONE]"]
     assert any("error" in e for e in events) or any(
-        c.get("finish_reason") == "error" for e in events for c in e.get("choices", []))
+        c.get("finish_reason") == "error" for e in events for c in e.get("choices", [])
+    )
+    # The master failed the request because it saw the stage die (a broken stream), not because
+    # a step went unanswered until the ring's timeout ("no result for step N within 10 s").
+    failures = re.findall(r"pipeline step failed: (.*); failing \d+ requests", procs["master"].text())
+    assert failures, procs["master"].text()[-3000:]
+    assert not any(re.search(r"no result for step \d+ within", f) for f in failures), failures
     assert healthy(base) is False and status(base) is not None  # the master is up, waiting
-    wait_for(lambda: any(n["node_id"] == "w2" and n["state"] == "lost" for n in status(base)["nodes"]),
-             10, "w2 to show as lost", list(procs.values()))
-    procs["w3"] = Proc(["-m", "cluster.worker", "--master", base, "--join-token", TOKEN, "--node-id", "w3"],
-                       cluster["logs"] / "w3.log")
+    wait_for(
+        lambda: any(n["node_id"] == "w2" and n["state"] == "lost" for n in status(base)["nodes"]),
+        30,
+        "w2 to show as lost",
+        list(procs.values()),
+    )
+    procs["w3"] = Proc(
+        ["-m", "cluster.worker", "--master", base, "--join-token", TOKEN, "--node-id", "w3"], cluster["logs"] / "w3.log"
+    )
     wait_for(lambda: healthy(base), 120, "service with the replacement worker", list(procs.values()))
     assert chat(base, QUESTIONS[1]) == expected[1]
     # The broken pipeline's gRPC channel was closed, not left to the garbage collector.

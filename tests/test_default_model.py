@@ -1,5 +1,6 @@
 """The real default model (SmolLM2-135M-Instruct, GGUF) against transformers, and
 batch invariance of our engine."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,10 +37,11 @@ def hf_model():
 def test_greedy_matches_transformers_generate(engine, hf_model):
     prompts = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     ours = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
-    for ids, (tokens, text, reason) in zip(prompts, ours):
+    for ids, (tokens, _text, reason) in zip(prompts, ours):
         with torch.no_grad():
-            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
-                                    pad_token_id=0)[0, len(ids):].tolist()
+            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, pad_token_id=0)[
+                0, len(ids) :
+            ].tolist()
         assert reason == "length"
         assert tokens == ref, f"first difference at {next(i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b)}"
     # The text is what the tokenizer makes of those tokens (special tokens skipped).
@@ -55,8 +57,11 @@ def test_batch_invariance(engine):
 
     # A second engine on the same weights with a small token budget, so long prompts
     # are prefilled in chunks while the target decodes.
-    mixed = Engine(EngineConfig(kv_cache_gb=0.25, max_batch=8, max_batch_tokens=48),
-                   loaded=engine.loaded, tokenizer=engine.tokenizer)
+    mixed = Engine(
+        EngineConfig(kv_cache_gb=0.25, max_batch=8, max_batch_tokens=48),
+        loaded=engine.loaded,
+        tokenizer=engine.tokenizer,
+    )
     others = [engine.encode(("The quick brown fox jumps over the lazy dog. " * n).strip()) for n in (3, 9, 14)]
     tid = mixed.add_request(target, greedy)
     got: list[int] = []
@@ -91,7 +96,7 @@ def test_stop_string_ends_and_is_not_emitted(engine):
     ids = engine.encode_chat([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
     free = engine.generate([ids], SamplingParams(temperature=0, max_tokens=40))[0][1]
     assert "5" in free
-    stop_at = free[free.index("5"):][:3]  # a stop string that starts at "5"
+    stop_at = free[free.index("5") :][:3]  # a stop string that starts at "5"
     tokens, text, reason = engine.generate([ids], SamplingParams(temperature=0, max_tokens=40, stop=[stop_at]))[0]
     assert reason == "stop"
     assert text == free[: free.index(stop_at)]

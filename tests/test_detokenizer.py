@@ -1,4 +1,5 @@
 """Incremental detokenizing, stop strings and chat templates on tiny offline tokenizers."""
+
 from __future__ import annotations
 
 import pytest
@@ -79,7 +80,7 @@ def test_leading_space_tokenizer_keeps_spaces_between_words(metaspace):
     assert metaspace.decode(ids[1:2]) and not metaspace.decode(ids[1:2]).startswith(" ")
     deltas, d = _stream(metaspace, prompt, ids)
     # Mid-sequence, a word's leading space belongs to it: the window context restores it.
-    assert "".join(deltas) == d.text == _decode(metaspace, prompt + ids)[len(_decode(metaspace, prompt)):]
+    assert "".join(deltas) == d.text == _decode(metaspace, prompt + ids)[len(_decode(metaspace, prompt)) :]
     assert d.text.strip() == "hello world the quick brown fox"
     assert any(x.startswith(" ") for x in deltas)
 

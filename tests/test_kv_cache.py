@@ -1,4 +1,5 @@
 """Block pool and block tables: allocate, grow, free, exhaust, and no leaks."""
+
 from __future__ import annotations
 
 import random

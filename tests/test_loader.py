@@ -1,4 +1,5 @@
 """Model sources and their errors: unknown architecture, missing model, offline hub."""
+
 from __future__ import annotations
 
 import json
@@ -48,9 +49,9 @@ def test_sharded_checkpoint_with_index(tmp_path):
     """A model saved in several safetensors shards loads through its index."""
     import torch
 
-    from tests.test_parity import Chain, reference_logits
     from inference.config import SamplingParams
     from inference.sequence import Sequence
+    from tests.test_parity import Chain, reference_logits
 
     hf = make_tiny("qwen2", tmp_path / "one")
     hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")

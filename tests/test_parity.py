@@ -1,5 +1,6 @@
 """Our models against transformers (the reference) on tiny random checkpoints:
 float32 logits within 1e-4 over a prefill and 20 cached decode steps, whole and split."""
+
 from __future__ import annotations
 
 import pytest

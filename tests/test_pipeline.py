@@ -1,77 +1,140 @@
-"""Pipeline parallel on loopback: the master (embedding, head, sampling) and two real
-stage processes over gRPC give the same greedy tokens as the single-process engine."""
-from __future__ import annotations
+"""Pipeline parallel on loopback, round the ring: master → stage 1 → stage 2 → master. Two
+real stage processes give the same greedy tokens as the single-process engine; the last
+stage's hidden states land on the master's result endpoint, stage 1 only acknowledges; a
+stage that dies fails the step at once, reported by its upstream, not by a time-out."""
 
-import subprocess
-import sys
-from pathlib import Path
+from __future__ import annotations
 
 import pytest
 import torch
 
 from cluster.pipeline import PipelineRunner
-from cluster.stage_client import StageClient, StageError
+from cluster.ring import ResultServer, RingClient
+from cluster.stage_stream import GRPC_OPTIONS, StageError
+from cluster.tensor_wire import encode_step
 from inference.config import EngineConfig, LayerRange, SamplingParams
 from inference.engine import Engine
 from inference.loader import load_model
 from inference.model_runner import ModelRunner
+from proto import stage_pb2
+
+from .conftest import QUESTIONS, start_stage
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 NUM_BLOCKS, BLOCK = 256, 16
 
 
-def start_stage(start: int, end: int, next_hop: str | None = None) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "cluster.stage_server", "--layers", str(start), str(end),
-           "--num-blocks", str(NUM_BLOCKS), "--block-size", str(BLOCK), "--port", "0"]
-    if next_hop:
-        cmd += ["--next-hop", next_hop]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()  # blocks until the stage has loaded and bound its port
-    if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"stage failed to start: {line!r}")
-    return proc, line.rsplit(" ", 1)[1].strip()
-
-
 @pytest.fixture(scope="module")
-def stages():
-    second, addr2 = start_stage(15, 30)
-    first, addr1 = start_stage(0, 15, next_hop=addr2)
-    yield addr1, first, second
+def ring():
+    results = ResultServer()
+    port = results.start("127.0.0.1", 0)
+    second, addr2 = start_stage(15, 30, num_blocks=NUM_BLOCKS, block_size=BLOCK)
+    first, addr1 = start_stage(0, 15, next_hop=addr2, num_blocks=NUM_BLOCKS, block_size=BLOCK)
+    yield dict(results=results, reply_to=f"127.0.0.1:{port}", addr1=addr1, first=first, second=second)
     for p in (first, second):
         p.kill()
         p.wait()
+    results.stop()
 
 
-def pipeline_engine(first_addr: str, timeout: float = 10.0) -> Engine:
-    cfg = EngineConfig(max_batch=8)
+def ring_engine(ring: dict, timeout: float = 30.0) -> tuple[Engine, RingClient]:
     ends = load_model("smollm2", layers=LayerRange(0, 0, 30, embed=True, head=True))
     local = ModelRunner(ends.model, ends.config, ends.layers, NUM_BLOCKS, BLOCK, torch.float32, "cpu")
-    runner = PipelineRunner(local, StageClient(first_addr, timeout=timeout))
-    return Engine(cfg, loaded=ends, num_blocks=NUM_BLOCKS, runner=runner)
+    client = RingClient(ring["addr1"], ring["results"], ring["reply_to"], timeout=timeout)
+    return Engine(
+        EngineConfig(max_batch=8), loaded=ends, num_blocks=NUM_BLOCKS, runner=PipelineRunner(local, client)
+    ), client
 
 
-def test_two_stages_match_single_process_for_8_concurrent_requests(stages):
+def first_hop(ring: dict, req: stage_pb2.StepRequest) -> stage_pb2.StepResponse:
+    """Send one step to stage 1 by hand and return its direct answer (an ack or an error)."""
+    import grpc
+
+    from proto import stage_pb2_grpc
+
+    with grpc.insecure_channel(ring["addr1"], options=GRPC_OPTIONS) as channel:
+        return next(stage_pb2_grpc.StageStub(channel).Steps(iter([req]), timeout=30))
+
+
+def test_two_stages_match_single_process_for_8_concurrent_requests(ring):
     single = Engine(EngineConfig(max_batch=8, kv_cache_gb=0.1))
-    questions = ["What is 2+2?", "Name a colour.", "Say hi.", "What is the capital of Italy?",
-                 "Name a dog breed.", "Count to five.", "What is water made of?", "Give me a fruit."]
-    prompts = [single.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    prompts = [single.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     greedy = SamplingParams(temperature=0, max_tokens=24)
     expected = single.generate(prompts, greedy)
-    piped = pipeline_engine(stages[0])
-    got = piped.generate(prompts, greedy)  # 8 at once: one continuous batch through both stages
+    engine, client = ring_engine(ring)
+    before = ring["results"].results
+    got = engine.generate(prompts, greedy)  # 8 at once: one continuous batch through both stages
     assert [g[0] for g in got] == [e[0] for e in expected]
-    assert piped.kv.num_used_blocks == 0
+    assert engine.kv.num_used_blocks == 0
+    sent = client._sender.sent
+    assert sent > 0 and ring["results"].results - before == sent  # every step came back on the ring
+    engine.runner.close()
 
 
-def test_a_dead_stage_is_a_stage_error_not_a_hang(stages):
-    addr1, first, second = stages
-    client = StageClient(addr1, timeout=5)
-    assert client.health().end_layer == 15
-    second.kill()
-    second.wait()
-    piped = pipeline_engine(addr1, timeout=5)
-    piped.add_request(piped.encode("Hello"), SamplingParams(temperature=0, max_tokens=4))
-    with pytest.raises(StageError):
-        piped.step()
+def test_stage_one_acknowledges_without_relaying_the_answer(ring):
+    step_id, fut = ring["results"].expect()
+    req = encode_step(
+        step_id,
+        torch.randn(3, 576),
+        torch.arange(3),
+        torch.arange(3),
+        torch.zeros(1, 1, dtype=torch.long),
+        [3],
+        [3],
+        0,
+        BLOCK,
+    )
+    req.reply_to = ring["reply_to"]
+    ack = first_hop(ring, req)
+    assert not ack.HasField("hidden") and not ack.error
+    result = fut.result(timeout=30)
+    assert result.step_id == step_id and list(result.hidden.shape) == [3, 576]
+
+
+def test_a_step_without_a_result_endpoint_is_refused(ring):
+    """One transport: no step travels back up the chain, so a step must say where to answer."""
+    req = encode_step(
+        5,
+        torch.randn(1, 576),
+        torch.arange(1),
+        torch.arange(1),
+        torch.zeros(1, 1, dtype=torch.long),
+        [1],
+        [1],
+        1,
+        BLOCK,
+    )
+    ack = first_hop(ring, req)
+    assert "reply_to" in ack.error and not ack.HasField("hidden")
+
+
+def test_a_malformed_step_fails_without_waiting_for_the_timeout(ring):
+    _, client = ring_engine(ring, timeout=120)
+    req = encode_step(
+        1,
+        torch.randn(1, 576),
+        torch.arange(1),
+        torch.arange(1),
+        torch.zeros(1, 1, dtype=torch.long),
+        [1],
+        [1],
+        1,
+        BLOCK * 2,
+    )  # wrong block size
+    with pytest.raises(StageError, match="block size"):  # a time-out would say "no result ... within"
+        client.step(req)
+    client.close()
+
+
+def test_a_dead_last_stage_is_reported_by_its_upstream(ring):
+    engine, client = ring_engine(ring, timeout=120)
+    engine.add_request(engine.encode("Hello"), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    engine.step()  # the ring works
+    ring["second"].kill()
+    ring["second"].wait()
+    # Stage 1 saw its next hop break, or the master saw the last stage's result stream drop;
+    # a time-out would say "no result for step ... within".
+    with pytest.raises(StageError, match="next stage|dropped its result stream"):
+        for _ in range(16):
+            engine.step()
+    client.close()

@@ -1,4 +1,5 @@
 """Unit tests for the layer planner (pure: numbers in, a plan or a PlanError out)."""
+
 from __future__ import annotations
 
 import itertools
@@ -14,17 +15,37 @@ GiB = 1 << 30
 
 
 def llama7b() -> ModelConfig:
-    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=4096,
-                       intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-                       head_dim=128, rms_norm_eps=1e-5, rope_theta=1e4, max_position=4096,
-                       tie_word_embeddings=False)
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1e4,
+        max_position=4096,
+        tie_word_embeddings=False,
+    )
 
 
 def smollm2() -> ModelConfig:
-    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576,
-                       intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-                       head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4, max_position=8192,
-                       tie_word_embeddings=True)
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=1e4,
+        max_position=8192,
+        tie_word_embeddings=True,
+    )
 
 
 def capacity(n: NodeCapacity, cost: LayerCost, reserve: int = 0) -> int:
@@ -44,6 +65,7 @@ def check_invariants(plan: Plan, cost: LayerCost, nodes: list[NodeCapacity], res
 
 
 # --- cost model ---------------------------------------------------------------------------
+
 
 def test_layer_cost_counts_weights_kv_and_activations():
     cfg = llama7b()
@@ -78,6 +100,7 @@ def test_bad_cost_inputs_are_refused():
 
 
 # --- automatic split ----------------------------------------------------------------------
+
 
 def test_mixed_8_16_64_gb_nodes_split_a_7b_model():
     cfg = llama7b()
@@ -146,8 +169,10 @@ def test_random_node_sets_keep_invariants_and_refuse_exactly_when_short():
         cost = LayerCost(rng.randint(1, 1000), rng.choice([0, rng.randint(1, 500)]), rng.randint(0, 2000))
         reserve = rng.choice([0, rng.randint(0, 1500)])
         total = n_layers * cost.per_layer
-        nodes = [NodeCapacity(f"n{i}", rng.randint(0, int(total * rng.uniform(0.1, 1.2))) + reserve)
-                 for i in range(rng.randint(1, 6))]
+        nodes = [
+            NodeCapacity(f"n{i}", rng.randint(0, int(total * rng.uniform(0.1, 1.2))) + reserve)
+            for i in range(rng.randint(1, 6))
+        ]
         caps = [capacity(n, cost, reserve) for n in nodes]
         if sum(caps) < n_layers:
             with pytest.raises(PlanError) as e:
@@ -185,8 +210,7 @@ def test_count_override_is_placed_in_node_order_among_automatic_nodes():
 
 
 def test_range_override_fixes_its_layers_and_others_fill_the_gaps():
-    nodes = [NodeCapacity("a", 2 * GiB), NodeCapacity("b", 2 * GiB, layers=(10, 20)),
-             NodeCapacity("c", 2 * GiB)]
+    nodes = [NodeCapacity("a", 2 * GiB), NodeCapacity("b", 2 * GiB, layers=(10, 20)), NodeCapacity("c", 2 * GiB)]
     assert spans(plan_layers(32, COST, nodes)) == [("a", 0, 10), ("b", 10, 20), ("c", 20, 32)]
     # A range at the front puts its node first in the pipeline, whatever the join order.
     nodes = [NodeCapacity("a", 4 * GiB), NodeCapacity("b", GiB, layers=(0, 8))]
@@ -223,8 +247,11 @@ def test_overrides_that_leave_layers_unplaced_or_claim_too_many_are_refused():
         plan_layers(32, COST, [NodeCapacity("a", 8 * GiB, layers=20), NodeCapacity("b", 8 * GiB, layers=20)])
     # A count that cannot sit contiguously in either gap around a range.
     with pytest.raises(PlanError, match="contiguously"):
-        plan_layers(10, COST, [NodeCapacity("a", GiB, layers=(3, 6)), NodeCapacity("b", GiB, layers=4),
-                               NodeCapacity("c", GiB, layers=3)])
+        plan_layers(
+            10,
+            COST,
+            [NodeCapacity("a", GiB, layers=(3, 6)), NodeCapacity("b", GiB, layers=4), NodeCapacity("c", GiB, layers=3)],
+        )
     # One automatic node cannot cover the runs on both sides of a range, though it has the memory.
     with pytest.raises(PlanError, match=r"\[0, 3\), \[6, 10\).*one run per node \(b fits 40\)"):
         plan_layers(10, COST, [NodeCapacity("a", GiB, layers=(3, 6)), NodeCapacity("b", 4 * GiB)])
@@ -232,14 +259,18 @@ def test_overrides_that_leave_layers_unplaced_or_claim_too_many_are_refused():
 
 def _brute_force_feasible(n_layers: int, cost: LayerCost, nodes: list[NodeCapacity]) -> bool:
     """Reference: try every size for every non-range node, laid out in node order around ranges."""
+
     def size(n: NodeCapacity) -> int:
         return n.layers[1] - n.layers[0] if isinstance(n.layers, tuple) else n.layers or 0
 
     if any(size(n) and size(n) * cost.per_layer + cost.activation_bytes > n.free_bytes for n in nodes):
         return False  # an override that does not fit its own node
     ranges = sorted(n.layers for n in nodes if isinstance(n.layers, tuple))
-    choices = [[n.layers] if isinstance(n.layers, int) else range(capacity(n, cost) + 1)
-               for n in nodes if not isinstance(n.layers, tuple)]
+    choices = [
+        [n.layers] if isinstance(n.layers, int) else range(capacity(n, cost) + 1)
+        for n in nodes
+        if not isinstance(n.layers, tuple)
+    ]
     ends = dict(ranges)
 
     def skip(p: int) -> int:
@@ -303,14 +334,20 @@ def test_random_overrides_match_a_brute_force_reference():
 
 # --- the plan as data ---------------------------------------------------------------------
 
+
 def test_plan_to_json_round_trips():
     nodes = [NodeCapacity("a", 2 * GiB), NodeCapacity("b", 3 * GiB)]
     plan = plan_layers(32, COST, nodes)
     data = json.loads(json.dumps(plan.to_json()))
     assert data["num_layers"] == 32
-    assert data["assignments"][0] == {"node_id": "a", "start": 0, "end": plan.assignments[0].end,
-                                      "layers": plan.assignments[0].num_layers,
-                                      "bytes_needed": plan.assignments[0].bytes_needed, "free_bytes": 2 * GiB}
+    assert data["assignments"][0] == {
+        "node_id": "a",
+        "start": 0,
+        "end": plan.assignments[0].end,
+        "layers": plan.assignments[0].num_layers,
+        "bytes_needed": plan.assignments[0].bytes_needed,
+        "free_bytes": 2 * GiB,
+    }
     assert Plan.from_json(data) == plan
 
 

@@ -1,4 +1,5 @@
 """The checked-in gRPC stubs must match proto/stage.proto (regenerate: python proto/gen.py)."""
+
 from __future__ import annotations
 
 import subprocess

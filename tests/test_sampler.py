@@ -1,4 +1,5 @@
 """Sampler semantics: greedy, temperature/top-k/top-p/min-p, seeds, penalties, logprobs."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from inference.config import SamplingParams
-from inference.sampler import _CANDIDATES, Sampler, SamplerState, SampleOutput, _filter, apply_penalties
+from inference.sampler import _CANDIDATES, SampleOutput, Sampler, SamplerState, _filter, apply_penalties
 
 V = 16
 
@@ -98,7 +99,7 @@ def _reference_filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     sorted_x, order = x.sort(descending=True)
     keep = torch.ones_like(sorted_x, dtype=torch.bool)
     if 0 < p.top_k < len(x):
-        keep[p.top_k:] = False
+        keep[p.top_k :] = False
     probs = sorted_x.masked_fill(~keep, float("-inf")).softmax(-1)
     before = probs.cumsum(-1) - probs
     keep &= before < p.top_p
@@ -115,10 +116,15 @@ def test_top_k_top_p_over_a_large_vocabulary_match_a_full_sort():
     vocab = 4 * _CANDIDATES
     peaked = torch.randn(vocab) * 6
     flat = torch.randn(vocab) * 0.1
-    cases = [(peaked, SamplingParams(top_p=0.9)), (flat, SamplingParams(top_p=0.9)),
-             (flat, SamplingParams(top_k=_CANDIDATES + 50)), (peaked, SamplingParams(top_k=7, top_p=0.5)),
-             (flat, SamplingParams(top_k=_CANDIDATES, top_p=0.99)), (peaked, SamplingParams(temperature=0.7, top_p=0.99)),
-             (peaked, SamplingParams(temperature=2.0))]
+    cases = [
+        (peaked, SamplingParams(top_p=0.9)),
+        (flat, SamplingParams(top_p=0.9)),
+        (flat, SamplingParams(top_k=_CANDIDATES + 50)),
+        (peaked, SamplingParams(top_k=7, top_p=0.5)),
+        (flat, SamplingParams(top_k=_CANDIDATES, top_p=0.99)),
+        (peaked, SamplingParams(temperature=0.7, top_p=0.99)),
+        (peaked, SamplingParams(temperature=2.0)),
+    ]
     rows = torch.stack([r for r, _ in cases])
     params = [p for _, p in cases]
     batched = _filter(rows, params)

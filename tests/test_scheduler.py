@@ -2,6 +2,7 @@
 
 A tiny fake engine loop drives it: every sequence whose step `needs_sample` gets token
 TOKEN appended, and is finished once it has `max_tokens` outputs."""
+
 from __future__ import annotations
 
 import random

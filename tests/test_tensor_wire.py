@@ -1,4 +1,5 @@
 """Wire codec: exact round trips, typed errors on malformed input, and a real gRPC stream."""
+
 from __future__ import annotations
 
 import queue
@@ -11,13 +12,14 @@ import grpc
 import pytest
 import torch
 
-from cluster.tensor_wire import WireError, WireStep, decode_step, encode_step, from_proto, to_proto
+from cluster.tensor_wire import WireError, decode_step, encode_step, from_proto, to_proto
 from proto import stage_pb2, stage_pb2_grpc
 
 MB = 1 << 20
 
 
 # ---- tensors ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32])
 @pytest.mark.parametrize("shape", [(0,), (0, 576), (1,), (3, 5), (7, 576), (2, 3, 4), ()])
@@ -27,7 +29,7 @@ def test_round_trip_is_exact(dtype, shape, compression):
     if dtype.is_floating_point:
         t = (torch.randn(shape, generator=g) * 100).to(dtype)
     else:
-        t = torch.randint(-2**31, 2**31 - 1, shape, generator=g).to(dtype)
+        t = torch.randint(-(2**31), 2**31 - 1, shape, generator=g).to(dtype)
     msg = to_proto(t, compression)
     assert msg.compression == compression and list(msg.shape) == list(shape)
     # Through real serialization, as a peer would see it.
@@ -63,21 +65,24 @@ def _tensor(dtype="float32", shape=(2, 3), data=None, compression=""):
     return stage_pb2.Tensor(dtype=dtype, shape=list(shape), data=data, compression=compression)
 
 
-@pytest.mark.parametrize("msg, match", [
-    (_tensor(dtype="float64"), "unknown dtype"),
-    (_tensor(dtype=""), "unknown dtype"),
-    (_tensor(compression="gzip"), "unknown compression"),
-    (_tensor(data=bytes(23)), "needs 24 bytes, got 23"),
-    (_tensor(data=bytes(25)), "needs 24 bytes, got 25"),
-    (_tensor(shape=(-2, -3)), "negative"),
-    (_tensor(shape=(1,) * 9, data=bytes(4)), "dimensions"),
-    (_tensor(shape=(2**40, 2**40)), "over the limit"),
-    (_tensor(shape=(1024, 1024)), "over the limit"),  # 4 MiB declared vs 1 MiB allowed
-    (_tensor(data=b"not zlib at all", compression="zlib"), "corrupt zlib"),
-    (_tensor(data=zlib.compress(bytes(24))[:-6], compression="zlib"), "truncated"),
-    (_tensor(data=zlib.compress(bytes(24)) + b"junk", compression="zlib"), "trailing"),
-    (_tensor(data=zlib.compress(bytes(20)), compression="zlib"), "inflates to 20 bytes"),
-])
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        (_tensor(dtype="float64"), "unknown dtype"),
+        (_tensor(dtype=""), "unknown dtype"),
+        (_tensor(compression="gzip"), "unknown compression"),
+        (_tensor(data=bytes(23)), "needs 24 bytes, got 23"),
+        (_tensor(data=bytes(25)), "needs 24 bytes, got 25"),
+        (_tensor(shape=(-2, -3)), "negative"),
+        (_tensor(shape=(1,) * 9, data=bytes(4)), "dimensions"),
+        (_tensor(shape=(2**40, 2**40)), "over the limit"),
+        (_tensor(shape=(1024, 1024)), "over the limit"),  # 4 MiB declared vs 1 MiB allowed
+        (_tensor(data=b"not zlib at all", compression="zlib"), "corrupt zlib"),
+        (_tensor(data=zlib.compress(bytes(24))[:-6], compression="zlib"), "truncated"),
+        (_tensor(data=zlib.compress(bytes(24)) + b"junk", compression="zlib"), "trailing"),
+        (_tensor(data=zlib.compress(bytes(20)), compression="zlib"), "inflates to 20 bytes"),
+    ],
+)
 def test_malformed_tensor_raises_wire_error(msg, match):
     with pytest.raises(WireError, match=match):
         from_proto(msg, max_bytes=MB)
@@ -102,6 +107,7 @@ def test_wire_error_is_a_value_error():
 
 # ---- steps -------------------------------------------------------------------------------
 
+
 def _step_fields(hidden_size=8, block_size=4):
     """Two decodes (ctx 5 and 9), then a prefill of 3 tokens on top of 4 cached (ctx 7)."""
     q_lens, ctx_lens = [1, 1, 3], [5, 9, 7]
@@ -113,10 +119,15 @@ def _step_fields(hidden_size=8, block_size=4):
             slots.append(table[p // block_size] * block_size + p % block_size)
     t = sum(q_lens)
     return dict(
-        step_id=42, hidden=torch.randn(t, hidden_size).to(torch.bfloat16),
-        positions=torch.tensor(positions), slot_mapping=torch.tensor(slots),
-        block_tables=torch.tensor(tables), q_lens=q_lens, ctx_lens=ctx_lens,
-        num_decodes=2, block_size=block_size,
+        step_id=42,
+        hidden=torch.randn(t, hidden_size).to(torch.bfloat16),
+        positions=torch.tensor(positions),
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor(tables),
+        q_lens=q_lens,
+        ctx_lens=ctx_lens,
+        num_decodes=2,
+        block_size=block_size,
     )
 
 
@@ -137,8 +148,17 @@ def test_step_round_trip(compression):
 
 
 def test_empty_step_round_trips():
-    msg = encode_step(7, torch.zeros(0, 16), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                      torch.zeros(0, 1, dtype=torch.long), [], [], 0, 16)
+    msg = encode_step(
+        7,
+        torch.zeros(0, 16),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, 1, dtype=torch.long),
+        [],
+        [],
+        0,
+        16,
+    )
     step = decode_step(msg, MB)
     assert step.hidden.shape == (0, 16) and step.attention_metadata().decode_mask is None
 
@@ -149,29 +169,32 @@ def _mutate(**changes):
     return f
 
 
-@pytest.mark.parametrize("fields, match", [
-    (_mutate(q_lens=[1, 1, 2]), "sum to"),
-    (_mutate(q_lens=[1, 1], ctx_lens=[5, 9]), "number of sequences"),
-    (_mutate(ctx_lens=[5, 9]), "number of sequences"),
-    (_mutate(block_tables=torch.zeros(2, 3, dtype=torch.long)), "number of sequences"),
-    (_mutate(q_lens=[1, 1, 3], ctx_lens=[5, 9, 2]), "q_len"),
-    (_mutate(q_lens=[1, 0, 4]), "q_len"),
-    (_mutate(q_lens=[2, 1, 2]), "q_len 1"),
-    (_mutate(num_decodes=4), "num_decodes"),
-    (_mutate(num_decodes=-1), "num_decodes"),
-    (_mutate(block_size=0), "block_size"),
-    (_mutate(ctx_lens=[5, 13, 7]), "blocks"),
-    (_mutate(hidden=torch.randn(4, 8)), "hidden rows"),
-    (_mutate(hidden=torch.randn(5)), "2-D float"),
-    (_mutate(hidden=torch.ones(5, 8, dtype=torch.long)), "2-D float"),
-    (_mutate(positions=torch.arange(4)), "positions"),
-    (_mutate(positions=torch.arange(5, dtype=torch.int32)), "int64"),
-    (_mutate(slot_mapping=torch.arange(6)), "slot_mapping"),
-    (_mutate(slot_mapping=torch.tensor([0, 1, -2, 3, 4])), "negative"),
-    (_mutate(block_tables=torch.tensor([[3, 1, 0], [2, 5, 6], [4, -7, 0]])), "negative"),
-    (_mutate(step_id=-1), "uint64"),
-    (_mutate(step_id=2**64), "uint64"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (_mutate(q_lens=[1, 1, 2]), "sum to"),
+        (_mutate(q_lens=[1, 1], ctx_lens=[5, 9]), "number of sequences"),
+        (_mutate(ctx_lens=[5, 9]), "number of sequences"),
+        (_mutate(block_tables=torch.zeros(2, 3, dtype=torch.long)), "number of sequences"),
+        (_mutate(q_lens=[1, 1, 3], ctx_lens=[5, 9, 2]), "q_len"),
+        (_mutate(q_lens=[1, 0, 4]), "q_len"),
+        (_mutate(q_lens=[2, 1, 2]), "q_len 1"),
+        (_mutate(num_decodes=4), "num_decodes"),
+        (_mutate(num_decodes=-1), "num_decodes"),
+        (_mutate(block_size=0), "block_size"),
+        (_mutate(ctx_lens=[5, 13, 7]), "blocks"),
+        (_mutate(hidden=torch.randn(4, 8)), "hidden rows"),
+        (_mutate(hidden=torch.randn(5)), "2-D float"),
+        (_mutate(hidden=torch.ones(5, 8, dtype=torch.long)), "2-D float"),
+        (_mutate(positions=torch.arange(4)), "positions"),
+        (_mutate(positions=torch.arange(5, dtype=torch.int32)), "int64"),
+        (_mutate(slot_mapping=torch.arange(6)), "slot_mapping"),
+        (_mutate(slot_mapping=torch.tensor([0, 1, -2, 3, 4])), "negative"),
+        (_mutate(block_tables=torch.tensor([[3, 1, 0], [2, 5, 6], [4, -7, 0]])), "negative"),
+        (_mutate(step_id=-1), "uint64"),
+        (_mutate(step_id=2**64), "uint64"),
+    ],
+)
 def test_inconsistent_step_raises_wire_error(fields, match):
     with pytest.raises(WireError, match=match):
         encode_step(**fields)
@@ -185,9 +208,16 @@ def test_inconsistent_step_raises_wire_error(fields, match):
 def _raw_request(f) -> stage_pb2.StepRequest | None:
     try:
         return stage_pb2.StepRequest(
-            step_id=f["step_id"], hidden=to_proto(f["hidden"]), positions=to_proto(f["positions"]),
-            slot_mapping=to_proto(f["slot_mapping"]), block_tables=to_proto(f["block_tables"]),
-            q_lens=f["q_lens"], ctx_lens=f["ctx_lens"], num_decodes=f["num_decodes"], block_size=f["block_size"])
+            step_id=f["step_id"],
+            hidden=to_proto(f["hidden"]),
+            positions=to_proto(f["positions"]),
+            slot_mapping=to_proto(f["slot_mapping"]),
+            block_tables=to_proto(f["block_tables"]),
+            q_lens=f["q_lens"],
+            ctx_lens=f["ctx_lens"],
+            num_decodes=f["num_decodes"],
+            block_size=f["block_size"],
+        )
     except ValueError:  # not even representable in the proto (e.g. a negative uint64)
         return None
 
@@ -257,8 +287,14 @@ class EchoStage(stage_pb2_grpc.StageServicer):
             yield stage_pb2.StepResponse(step_id=step.step_id, hidden=to_proto(step.hidden * 2))
 
     def Health(self, request, context):
-        return stage_pb2.HealthReply(node_id="echo", start_layer=3, end_layer=7, ready=True, load=self.steps,
-                                     protocol_version=stage_pb2.PROTOCOL_VERSION_CURRENT)
+        return stage_pb2.HealthReply(
+            node_id="echo",
+            start_layer=3,
+            end_layer=7,
+            ready=True,
+            load=self.steps,
+            protocol_version=stage_pb2.PROTOCOL_VERSION_CURRENT,
+        )
 
 
 @pytest.fixture
@@ -303,21 +339,45 @@ def test_grpc_stream_of_100_steps_and_health(stage_server):
             assert torch.equal(from_proto(resp.hidden, MB), f["hidden"] * 2)
         # An application-level reject (tensor over the stage's max_bytes) answers with an
         # error and leaves the stream working.
-        big = encode_step(7777, torch.zeros(1, SERVER_LIMIT // 8), torch.zeros(1, dtype=torch.long),
-                          torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), [1], [1], 1, 16)
+        big = encode_step(
+            7777,
+            torch.zeros(1, SERVER_LIMIT // 8),
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.long),
+            [1],
+            [1],
+            1,
+            16,
+        )
         assert "over the limit" in stream.call(big).error
         assert stream.call(stage_pb2.StepRequest(step_id=5, ping=True)).step_id == 5
         stream.close()
         health = stub.Health(stage_pb2.HealthRequest(), timeout=10)
     assert servicer.streams == 1 and servicer.steps == 100
-    assert (health.node_id, health.start_layer, health.end_layer, health.ready, health.load) == ("echo", 3, 7, True, 100)
+    assert (health.node_id, health.start_layer, health.end_layer, health.ready, health.load) == (
+        "echo",
+        3,
+        7,
+        True,
+        100,
+    )
     assert health.protocol_version == stage_pb2.PROTOCOL_VERSION_CURRENT
 
 
 def _oversized_step() -> stage_pb2.StepRequest:
     n = 2 * SERVER_LIMIT // 4  # 2 MiB of float32 hidden states
-    return encode_step(1, torch.zeros(1, n), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                       torch.zeros(1, 1, dtype=torch.long), [1], [1], 1, 16)
+    return encode_step(
+        1,
+        torch.zeros(1, n),
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(1, 1, dtype=torch.long),
+        [1],
+        [1],
+        1,
+        16,
+    )
 
 
 @pytest.mark.parametrize("client_limit", [SERVER_LIMIT, 8 * MB], ids=["client-refuses", "server-refuses"])

@@ -5,12 +5,12 @@ The browser tests share one page (one Gradio session) and run in file order: str
 Stop, a bad request, the system prompt, Regenerate, then the Nodes tab and screenshots
 (desktop 1280x800 and phone 390x844, written to artifacts/). Gradio pages keep a connection
 open and never reach "networkidle", so every wait is on an element or on /api/status."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,11 +19,21 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import free_port, wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 START_TIMEOUT_S = 120  # the model loads in ~5 s when its conversion is cached; CI may be slower
@@ -78,24 +88,39 @@ def test_empty_registry_explains_itself():
 
 
 def test_parameters_start_at_the_models_generation_config(tmp_path):
-    from types import SimpleNamespace
-
+    from inference.engine import read_generation_config
     from ui.chat import GenDefaults, model_defaults
 
-    fake = SimpleNamespace(engine=SimpleNamespace(loaded=SimpleNamespace(path=tmp_path)))
-    assert model_defaults(fake) == GenDefaults()  # no generation_config.json: ours
-    (tmp_path / "generation_config.json").write_text(json.dumps(
-        {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1, "max_new_tokens": 64}))
-    d = model_defaults(fake)
+    assert read_generation_config(tmp_path) == {} and model_defaults({}) == GenDefaults()  # none: ours
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.1, "max_new_tokens": 64})
+    )
+    d = model_defaults(read_generation_config(tmp_path))
     assert (d.temperature, d.top_p, d.top_k, d.repetition_penalty, d.max_tokens, d.seed) == (0.6, 0.95, 20, 1.1, 64, -1)
+    assert model_defaults({"do_sample": False, "temperature": 0.6}).temperature == 0.0  # HF's greedy flag wins
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert read_generation_config(tmp_path) == {}  # unreadable: a warning, and our defaults
 
 
 def test_node_table_rows():
     from cluster.registry import NodeInfo, NodeState
     from ui.status import nodes_frame
 
-    w = NodeInfo("w1", "10.0.0.2:50051", "torch", "cuda:0", "smollm2", 15, 30, 3 * 2**30, 5 * 2**30,
-                 NodeState.LOST, last_heartbeat=100.0, rtt_ms=2.345, tok_s=None)
+    w = NodeInfo(
+        "w1",
+        "10.0.0.2:50051",
+        "torch",
+        "cuda:0",
+        "smollm2",
+        15,
+        30,
+        3 * 2**30,
+        5 * 2**30,
+        NodeState.LOST,
+        last_heartbeat=100.0,
+        rtt_ms=2.345,
+        tok_s=None,
+    )
     row = nodes_frame([w], now=112.5, total_layers={"smollm2": 30}).iloc[0].to_dict()
     assert row["layers"] == "15-30 of 30" and row["backend / device"] == "torch / cuda:0"
     assert row["memory used / free"] == "3.0 GiB / 5.0 GiB" and "lost" in row["state"]
@@ -103,12 +128,6 @@ def test_node_table_rows():
 
 
 # -- the real app in a browser --------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _status(base: str) -> dict:
     with urllib.request.urlopen(f"{base}/api/status", timeout=5) as r:
         return json.load(r)
@@ -117,11 +136,15 @@ def _status(base: str) -> dict:
 @pytest.fixture(scope="module")
 def server():
     ARTIFACTS.mkdir(exist_ok=True)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     with open(ARTIFACTS / "ui_server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--kv-cache-gb", "0.25"],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--port", str(port), "--kv-cache-gb", "0.25"],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -148,7 +171,9 @@ def server():
 @pytest.fixture(scope="module")
 def page(server):
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run the browser tests")
+        pytest.skip(
+            f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run the browser tests"
+        )
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser tests")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -184,20 +209,45 @@ def wait_reply_done(page, n: int) -> str:
     page.wait_for_function(
         """n => { const m = document.querySelectorAll("#chatbot [data-testid='bot'] .message-content");
                   return m.length >= n && !!m[n - 1].querySelector('.msg-meta'); }""",
-        arg=n, timeout=REPLY_TIMEOUT_MS)
+        arg=n,
+        timeout=REPLY_TIMEOUT_MS,
+    )
     return bot_texts(page)[n - 1]
+
+
+def page_width(page) -> int:
+    return page.evaluate("document.documentElement.scrollWidth")
+
+
+def settle(page, width: int) -> None:
+    """Wait for the page to be laid out at a new viewport `width`: the window has its size,
+    then two frames pass (resize observers and the re-render they trigger run before each)."""
+    page.wait_for_function("w => window.innerWidth === w", arg=width)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
 def screenshots(page, name: str) -> None:
     """artifacts/{name}-desktop.png and {name}-phone.png (full page), then back to desktop."""
     page.screenshot(path=str(ARTIFACTS / f"{name}-desktop.png"), full_page=True)
     page.set_viewport_size(PHONE)
-    page.wait_for_timeout(1200)  # relayout, and one status refresh at the new width
+    settle(page, PHONE["width"])
+    # Components that size themselves from their data (the nodes table) follow on a later
+    # render: wait for the page to fit, then check it still does once the screenshot is taken.
+    widths: list[int] = []
+
+    def fits() -> bool:
+        widths.append(page_width(page))
+        return widths[-1] <= PHONE["width"]
+
+    try:
+        wait_for(fits, 30, f"the {name} page to fit a phone's width", interval=0.1)
+    except AssertionError:
+        pytest.fail(f"the {name} page is {widths[-1]}px wide on a phone: it scrolls sideways")
     page.screenshot(path=str(ARTIFACTS / f"{name}-phone.png"), full_page=True)
-    width = page.evaluate("document.documentElement.scrollWidth")
+    width = page_width(page)
     assert width <= PHONE["width"], f"the {name} page is {width}px wide on a phone: it scrolls sideways"
     page.set_viewport_size(DESKTOP)
-    page.wait_for_timeout(300)
+    settle(page, DESKTOP["width"])
 
 
 def clear_chat(page) -> None:
@@ -212,13 +262,14 @@ def test_reply_streams_in(page):
     finished = _status_of(page)["finished"]
     send(page, "Write a short poem about the sea.")
     seen: list[str] = []  # each distinct text the reply showed while streaming
-    deadline = time.monotonic() + REPLY_TIMEOUT_MS / 1000
-    while _status_of(page)["finished"] == finished:
-        assert time.monotonic() < deadline, "the reply did not finish"
+
+    def finished_yet() -> bool:
         texts = bot_texts(page)
         if texts and texts[0] not in ("", "…") and (not seen or seen[-1] != texts[0]):
             seen.append(texts[0])
-        time.sleep(0.05)
+        return _status_of(page)["finished"] != finished
+
+    wait_for(finished_yet, REPLY_TIMEOUT_MS / 1000, "the reply to finish", interval=0.05)
     final = wait_reply_done(page, 1)
     assert len(seen) >= 3, f"expected the reply to grow in several steps, saw {seen!r}"
     assert len(seen[0]) < len(final)
@@ -237,20 +288,29 @@ def test_stop_aborts_the_generation_on_the_server(page):
     set_param(page, "max-tokens", 2000)
     send(page, "Write a long story about a dragon.")
     # Stop once the reply has a few words: mid-generation, far from 2000 tokens.
-    page.wait_for_function(f"() => {{ const m = document.querySelector(\"{BOT}\");"
-                           " return m && m.innerText.split(/\\s+/).length > 6; }", timeout=REPLY_TIMEOUT_MS)
+    page.wait_for_function(
+        f'() => {{ const m = document.querySelector("{BOT}"); return m && m.innerText.split(/\\s+/).length > 6; }}',
+        timeout=REPLY_TIMEOUT_MS,
+    )
     assert _status_of(page)["running"] == 1
     page.click("#stop-btn")
-    deadline = time.monotonic() + 15
-    while (st := _status_of(page))["running"] or st["waiting"]:
-        assert time.monotonic() < deadline, f"the engine still runs the request after Stop: {st}"
-        time.sleep(0.2)
+
+    def engine_idle() -> dict | None:
+        st = _status_of(page)
+        return None if st["running"] or st["waiting"] else st
+
+    # Without Stop the request would decode for minutes; the time-out only guards a hang.
+    st = wait_for(engine_idle, 60, "the engine to drop the request after Stop", interval=0.2)
     assert st["aborted"] == before["aborted"] + 1  # aborted, not finished: its KV blocks are freed
     assert st["kv_blocks_used"] == 0
-    page.wait_for_selector(f"{BOT} .msg-meta:has-text('stopped')", timeout=10_000)
+    # The figures line appears only once the chat's generation has unwound: the final render.
+    page.wait_for_selector(f"{BOT} .msg-meta:has-text('stopped')", timeout=30_000)
     text = bot_texts(page)[0]
-    time.sleep(1.5)
+    # Nothing can add to the reply now: the engine dropped the request and has generated
+    # nothing since, and the reply still reads the same, figures line included.
+    assert _status_of(page)["generated_tokens"] == st["generated_tokens"], "the engine kept generating after Stop"
     assert bot_texts(page)[0] == text, "the reply kept growing after Stop"
+    assert "stopped" in page.inner_text(f"{BOT} .msg-meta")
     assert st["generated_tokens"] - before["generated_tokens"] < 2000
 
 
@@ -274,8 +334,22 @@ def test_system_prompt_makes_the_reply_french(page):
     send(page, "What is the capital of Germany?")
     reply = wait_reply_done(page, 1)
     words = set(re.findall(r"\w+", reply.lower()))
-    french = words & {"est", "la", "le", "les", "de", "du", "bonjour", "capitale", "allemagne",
-                      "monsieur", "une", "et", "je", "république"}
+    french = words & {
+        "est",
+        "la",
+        "le",
+        "les",
+        "de",
+        "du",
+        "bonjour",
+        "capitale",
+        "allemagne",
+        "monsieur",
+        "une",
+        "et",
+        "je",
+        "république",
+    }
     assert len(french) >= 2 and "the capital of germany is" not in reply.lower(), reply
     screenshots(page, "chat")
 
@@ -293,11 +367,12 @@ def test_regenerate_replaces_the_last_reply(page):
     page.fill("#seed input", "-1")
     page.click("#regen-btn")
     seen = set()
-    deadline = time.monotonic() + REPLY_TIMEOUT_MS / 1000
-    while _status_of(page)["finished"] == finished:
-        assert time.monotonic() < deadline, "the regenerated reply did not finish"
+
+    def finished_yet() -> bool:
         seen.update(bot_texts(page)[-1:])
-        time.sleep(0.05)
+        return _status_of(page)["finished"] != finished
+
+    wait_for(finished_yet, REPLY_TIMEOUT_MS / 1000, "the regenerated reply to finish", interval=0.05)
     new = wait_reply_done(page, len(old))
     assert len(bot_texts(page)) == len(old)  # replaced, not appended
     seen.add(new)

@@ -1,4 +1,5 @@
 """Tiny random checkpoints of each supported family, saved like a real HF model dir."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,19 +7,33 @@ from pathlib import Path
 import torch
 
 TINY = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
     rms_norm_eps=1e-5,
 )
 
 VARIANTS = {
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
     "llama-untied": ("llama", dict(tie_word_embeddings=False)),
-    "llama3-rope-scaling": ("llama", dict(
-        tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=64),
-    )),
+    "llama3-rope-scaling": (
+        "llama",
+        dict(
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
     "qwen2": ("qwen2", dict(tie_word_embeddings=False)),
 }
 

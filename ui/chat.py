@@ -4,11 +4,11 @@ Chat users and API users share one continuous batch: a reply is `engine.generate
 chat-templated history, streamed into a gr.Chatbot. Stop cancels the Gradio event; the
 cancellation leaves `engine.generate`'s iteration, which aborts the request and frees its
 KV blocks (and `_stream` closes the stream explicitly on every other way out)."""
+
 from __future__ import annotations
 
 import asyncio
 import html
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,25 +36,19 @@ class GenDefaults:
     repetition_penalty: float = 1.0
 
 
-def model_defaults(engine: AsyncEngine) -> GenDefaults:
-    """The model's own sampling defaults (generation_config.json next to the weights), else ours."""
+def model_defaults(gen: dict) -> GenDefaults:
+    """The model's own sampling defaults (its generation_config.json, as a dict), else ours."""
     d = GenDefaults()
-    sync = engine.engine
-    path = sync.loaded.path / "generation_config.json" if sync is not None else None
-    if path is None or not path.is_file():
-        return d
-    try:
-        gen = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("ignoring unreadable %s: %s", path, e)
-        return d
     if gen.get("do_sample") is False:  # HF's greedy flag wins over any temperature it lists
         d.temperature = 0.0
     elif isinstance(gen.get("temperature"), (int, float)):
         d.temperature = float(gen["temperature"])
-    for key, attr, kind in (("top_p", "top_p", float), ("top_k", "top_k", int),
-                            ("repetition_penalty", "repetition_penalty", float),
-                            ("max_new_tokens", "max_tokens", int)):
+    for key, attr, kind in (
+        ("top_p", "top_p", float),
+        ("top_k", "top_k", int),
+        ("repetition_penalty", "repetition_penalty", float),
+        ("max_new_tokens", "max_tokens", int),
+    ):
         if isinstance(gen.get(key), (int, float)):
             setattr(d, attr, kind(gen[key]))
     return d
@@ -147,12 +141,14 @@ class ChatController:
         self.engine = engine
 
     def banner(self) -> str:
-        e = self.engine
-        name = html.escape(e.model_name)
-        if not e.ready:
+        name = html.escape(self.engine.model_name)
+        info = self.engine.info()
+        if not self.engine.ready or info is None:
             return f'<div class="banner banner-wait">⏳ model loading… <b>{name}</b></div>'
-        return (f'<div class="banner banner-ok">● <b>{name}</b> ready · context '
-                f'{e.engine.max_model_len} tokens · device {e.engine.cfg.device}</div>')
+        return (
+            f'<div class="banner banner-ok">● <b>{name}</b> ready · context '
+            f"{info.max_model_len} tokens · device {html.escape(info.device)}</div>"
+        )
 
     def take_message(self, text: str, state: ChatState):
         """Send: append the user's message (the generation step that follows streams the reply)."""
@@ -187,15 +183,23 @@ class ChatController:
             await asyncio.sleep(0.05)
         return render(state)
 
-    async def generate(self, state: ChatState, system: str, temperature: float, top_p: float,
-                       top_k: float, max_tokens: float, seed: float | None, repetition_penalty: float):
+    async def generate(
+        self,
+        state: ChatState,
+        system: str,
+        temperature: float,
+        top_p: float,
+        top_k: float,
+        max_tokens: float,
+        seed: float | None,
+        repetition_penalty: float,
+    ):
         ex = state.pending()
         if ex is None or state.busy:
             yield gr.skip(), state
             return
         state.busy = True
-        deltas = self._stream(ex, state, system, temperature, top_p, top_k, max_tokens, seed,
-                              repetition_penalty)
+        deltas = self._stream(ex, state, system, temperature, top_p, top_k, max_tokens, seed, repetition_penalty)
         try:
             async for _ in deltas:
                 yield render(state), state
@@ -207,22 +211,34 @@ class ChatController:
             ex.done = True
         yield render(state), state
 
-    async def _stream(self, ex: Exchange, state: ChatState, system: str, temperature, top_p,
-                      top_k, max_tokens, seed, repetition_penalty):
+    async def _stream(
+        self,
+        ex: Exchange,
+        state: ChatState,
+        system: str,
+        temperature,
+        top_p,
+        top_k,
+        max_tokens,
+        seed,
+        repetition_penalty,
+    ):
         """Fill `ex` from the engine, yielding after every delta. Errors land in `ex.error`."""
         if not self.engine.ready:
             ex.error = LOADING
             return
-        sync = self.engine.engine
         try:
-            ids = sync.encode_chat(to_messages(system, state.exchanges))
+            ids = self.engine.encode_chat(to_messages(system, state.exchanges))
             # A chat UI should not refuse a long reply: cap it to the context left.
-            room = sync.max_model_len - len(ids)
+            room = self.engine.max_model_len - len(ids)
             params = SamplingParams(
-                temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k),
                 max_tokens=max(1, min(int(max_tokens), room)) if room >= 1 else int(max_tokens),
                 seed=None if seed is None or int(seed) < 0 else int(seed),
-                repetition_penalty=float(repetition_penalty))
+                repetition_penalty=float(repetition_penalty),
+            )
         except (InferenceError, ValueError, TypeError) as e:
             ex.error = describe(e)
             return
@@ -269,31 +285,47 @@ def build_chat_tab(ctrl: ChatController) -> None:
     state = gr.State(ChatState())
     with gr.Row(equal_height=False, elem_id="chat-layout"):
         with gr.Column(scale=3, min_width=320, elem_id="chat-main"):
-            chatbot = gr.Chatbot(elem_id="chatbot", show_label=False, height=520, min_height=320,
-                                 buttons=["copy"], feedback_options=None, layout="bubble",
-                                 placeholder="**Ask anything.** Replies stream in as the model writes them.")
-            msg = gr.Textbox(placeholder="Message… (Enter to send)",
-                             show_label=False, lines=1, max_lines=8, elem_id="chat-input", autofocus=True)
+            chatbot = gr.Chatbot(
+                elem_id="chatbot",
+                show_label=False,
+                height=520,
+                min_height=320,
+                buttons=["copy"],
+                feedback_options=None,
+                layout="bubble",
+                placeholder="**Ask anything.** Replies stream in as the model writes them.",
+            )
+            msg = gr.Textbox(
+                placeholder="Message… (Enter to send)",
+                show_label=False,
+                lines=1,
+                max_lines=8,
+                elem_id="chat-input",
+                autofocus=True,
+            )
             with gr.Row(elem_id="chat-buttons"):
                 send = gr.Button("Send", variant="primary", elem_id="send-btn", min_width=80)
                 stop = gr.Button("Stop", variant="stop", elem_id="stop-btn", min_width=80)
                 regen = gr.Button("Regenerate", elem_id="regen-btn", min_width=80)
                 clear = gr.Button("Clear", elem_id="clear-btn", min_width=80)
         with gr.Column(scale=1, min_width=260, elem_id="chat-side"):
-            system = gr.Textbox(label="System prompt", lines=3, elem_id="system-prompt",
-                                placeholder="e.g. You are a concise assistant.")
+            system = gr.Textbox(
+                label="System prompt", lines=3, elem_id="system-prompt", placeholder="e.g. You are a concise assistant."
+            )
             with gr.Accordion("Parameters", open=True, elem_id="params"):
                 temperature = gr.Slider(0, 2, d.temperature, step=0.05, label="Temperature", elem_id="temperature")
                 top_p = gr.Slider(0.01, 1, d.top_p, step=0.01, label="Top-p", elem_id="top-p")
                 top_k = gr.Slider(0, 200, d.top_k, step=1, label="Top-k (0 = off)", elem_id="top-k")
                 max_tokens = gr.Slider(1, 4096, d.max_tokens, step=1, label="Max tokens", elem_id="max-tokens")
-                rep = gr.Slider(0.5, 2, d.repetition_penalty, step=0.01, label="Repetition penalty",
-                                elem_id="rep-penalty")
+                rep = gr.Slider(
+                    0.5, 2, d.repetition_penalty, step=0.01, label="Repetition penalty", elem_id="rep-penalty"
+                )
                 seed = gr.Number(d.seed, precision=0, label="Seed (-1 = random)", elem_id="seed")
     params = [temperature, top_p, top_k, max_tokens, seed, rep]  # GenDefaults order
     gen_inputs = [state, system, temperature, top_p, top_k, max_tokens, seed, rep]
-    gen_kwargs = dict(outputs=[chatbot, state], show_progress="hidden",
-                      concurrency_limit=None)  # every chat joins the engine's batch
+    gen_kwargs = dict(
+        outputs=[chatbot, state], show_progress="hidden", concurrency_limit=None
+    )  # every chat joins the engine's batch
     events = []
     for trigger in (send.click, msg.submit):
         step = trigger(ctrl.take_message, [msg, state], [msg, state, chatbot], queue=False)
@@ -314,8 +346,18 @@ def build_chat_tab(ctrl: ChatController) -> None:
             return [ctrl.banner(), gr.skip(), False, *skip]
         if done:
             return [ctrl.banner(), gr.Timer(active=False), True, *skip]
-        d = model_defaults(ctrl.engine)
-        return [ctrl.banner(), gr.Timer(active=False), True, d.temperature, d.top_p, d.top_k,
-                d.max_tokens, d.seed, d.repetition_penalty]
+        info = ctrl.engine.info()
+        d = model_defaults(info.generation_config if info is not None else {})
+        return [
+            ctrl.banner(),
+            gr.Timer(active=False),
+            True,
+            d.temperature,
+            d.top_p,
+            d.top_k,
+            d.max_tokens,
+            d.seed,
+            d.repetition_penalty,
+        ]
 
     timer.tick(tick, [applied], [banner, timer, applied, *params], show_progress="hidden", queue=False)

@@ -3,6 +3,7 @@
 Every failure a client can cause ends as `{"error": {"message", "type", "param", "code"}}`
 with a 4xx status; anything else is a 500 in the same shape, with the traceback kept in the
 server log and out of the response."""
+
 from __future__ import annotations
 
 import logging
@@ -22,15 +23,21 @@ log = logging.getLogger(__name__)
 # 499 is nginx's "client closed request": nobody reads it, but the access log shows it.
 CLIENT_CLOSED = 499
 
-_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "server_error"}
+_TYPES = {
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
 
 
 class APIError(Exception):
     """An error with everything the OpenAI error body needs."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -71,16 +78,18 @@ def from_validation(errors: list[dict[str, Any]]) -> APIError:
     param = param_path(loc) or None
     kind = e.get("type", "")
     if kind == "extra_forbidden":
-        return APIError(400, f"Unsupported parameter: '{param}' is not supported by this server.",
-                        param, "unsupported_parameter")
+        return APIError(
+            400, f"Unsupported parameter: '{param}' is not supported by this server.", param, "unsupported_parameter"
+        )
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
     got = e.get("input")
     shown = repr(got) if isinstance(got, (int, float, str, bool)) or got is None else type(got).__name__
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return APIError(400, f"Invalid value for '{param}': {e.get('msg', 'invalid')} (got {shown}).",
-                    param, "invalid_value")
+    return APIError(
+        400, f"Invalid value for '{param}': {e.get('msg', 'invalid')} (got {shown}).", param, "invalid_value"
+    )
 
 
 def _invalid_parameter(err: InvalidParameter) -> APIError:

@@ -3,6 +3,7 @@
 One formatter per route. A streaming formatter is fed outputs in arrival order (choices
 interleave) and returns the SSE lines to send; a whole response is built from the outputs
 collected per choice."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,18 @@ from inference.engine import RequestOutput
 from inference.sampler import SampleOutput
 
 from .logprobs import TokenTexts, chat_logprobs, completion_logprobs
-from .schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-                      ChatDelta, ChatLogprobs, Completion, CompletionChoice, Usage)
+from .schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    Usage,
+)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -61,8 +72,9 @@ class _Formatter:
 
     def usage(self, completion_tokens: int | None = None) -> Usage:
         done = sum(self._completion_tokens) if completion_tokens is None else completion_tokens
-        return Usage(prompt_tokens=self.meta.prompt_tokens, completion_tokens=done,
-                     total_tokens=self.meta.prompt_tokens + done)
+        return Usage(
+            prompt_tokens=self.meta.prompt_tokens, completion_tokens=done, total_tokens=self.meta.prompt_tokens + done
+        )
 
     def _track(self, index: int, out: RequestOutput) -> None:
         self._completion_tokens[index] = out.num_output_tokens
@@ -71,13 +83,18 @@ class _Formatter:
 class ChatFormatter(_Formatter):
     def _chunk(self, choice: ChatChunkChoice | None, usage: Usage | None = None) -> bytes:
         m = self.meta
-        return sse(ChatCompletionChunk(id=m.id, created=m.created, model=m.model,
-                                       choices=[choice] if choice else [], usage=usage))
+        return sse(
+            ChatCompletionChunk(
+                id=m.id, created=m.created, model=m.model, choices=[choice] if choice else [], usage=usage
+            )
+        )
 
     def start(self) -> list[bytes]:
         # OpenAI opens every choice with a chunk that carries only the role.
-        return [self._chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
-                for i in range(self.meta.num_choices)]
+        return [
+            self._chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")))
+            for i in range(self.meta.num_choices)
+        ]
 
     def output(self, index: int, out: RequestOutput) -> list[bytes]:
         self._track(index, out)
@@ -86,8 +103,7 @@ class ChatFormatter(_Formatter):
             lp = ChatLogprobs(content=chat_logprobs(out.logprobs, self.texts)) if self.meta.logprobs else None
             lines.append(self._chunk(ChatChunkChoice(index=index, delta=ChatDelta(content=out.text), logprobs=lp)))
         if out.finished:
-            lines.append(self._chunk(ChatChunkChoice(index=index, delta=ChatDelta(),
-                                                     finish_reason=out.finish_reason)))
+            lines.append(self._chunk(ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=out.finish_reason)))
         return lines
 
     def end(self) -> list[bytes]:
@@ -95,12 +111,22 @@ class ChatFormatter(_Formatter):
 
     def response(self, results: list[ChoiceResult]) -> ChatCompletion:
         m = self.meta
-        choices = [ChatChoice(
-            index=i, message=AssistantMessage(content="".join(r.text)), finish_reason=r.finish_reason,
-            logprobs=ChatLogprobs(content=chat_logprobs(r.logprobs, self.texts)) if m.logprobs else None)
-            for i, r in enumerate(results)]
-        return ChatCompletion(id=m.id, created=m.created, model=m.model, choices=choices,
-                              usage=self.usage(sum(r.num_output_tokens for r in results)))
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content="".join(r.text)),
+                finish_reason=r.finish_reason,
+                logprobs=ChatLogprobs(content=chat_logprobs(r.logprobs, self.texts)) if m.logprobs else None,
+            )
+            for i, r in enumerate(results)
+        ]
+        return ChatCompletion(
+            id=m.id,
+            created=m.created,
+            model=m.model,
+            choices=choices,
+            usage=self.usage(sum(r.num_output_tokens for r in results)),
+        )
 
 
 class CompletionFormatter(_Formatter):
@@ -110,8 +136,9 @@ class CompletionFormatter(_Formatter):
 
     def _chunk(self, choice: CompletionChoice | None, usage: Usage | None = None) -> bytes:
         m = self.meta
-        return sse(Completion(id=m.id, created=m.created, model=m.model,
-                              choices=[choice] if choice else [], usage=usage))
+        return sse(
+            Completion(id=m.id, created=m.created, model=m.model, choices=[choice] if choice else [], usage=usage)
+        )
 
     def _logprobs(self, index: int, samples: list[SampleOutput]):
         if not self.meta.logprobs:
@@ -128,8 +155,9 @@ class CompletionFormatter(_Formatter):
         self._track(index, out)
         lines = []
         if out.text or (self.meta.logprobs and out.logprobs):
-            lines.append(self._chunk(CompletionChoice(index=index, text=out.text,
-                                                      logprobs=self._logprobs(index, out.logprobs))))
+            lines.append(
+                self._chunk(CompletionChoice(index=index, text=out.text, logprobs=self._logprobs(index, out.logprobs)))
+            )
         if out.finished:
             lines.append(self._chunk(CompletionChoice(index=index, text="", finish_reason=out.finish_reason)))
         return lines
@@ -139,11 +167,19 @@ class CompletionFormatter(_Formatter):
 
     def response(self, results: list[ChoiceResult]) -> Completion:
         m = self.meta
-        choices = [CompletionChoice(index=i, text="".join(r.text), finish_reason=r.finish_reason,
-                                    logprobs=self._logprobs(i, r.logprobs))
-                   for i, r in enumerate(results)]
-        return Completion(id=m.id, created=m.created, model=m.model, choices=choices,
-                          usage=self.usage(sum(r.num_output_tokens for r in results)))
+        choices = [
+            CompletionChoice(
+                index=i, text="".join(r.text), finish_reason=r.finish_reason, logprobs=self._logprobs(i, r.logprobs)
+            )
+            for i, r in enumerate(results)
+        ]
+        return Completion(
+            id=m.id,
+            created=m.created,
+            model=m.model,
+            choices=choices,
+            usage=self.usage(sum(r.num_output_tokens for r in results)),
+        )
 
 
 Formatter = ChatFormatter | CompletionFormatter

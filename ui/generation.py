@@ -4,6 +4,7 @@ A request with n choices (or several prompts) becomes several engine requests; `
 runs them concurrently and merges their outputs. Every engine request it starts is aborted
 (its KV blocks freed within one engine step) as soon as the HTTP request ends early: the
 client disconnects, a sibling choice fails, or the server shuts down."""
+
 from __future__ import annotations
 
 import asyncio
@@ -47,8 +48,7 @@ class Fanout:
     def __init__(self, engine: AsyncEngine, jobs: list[Job]):
         self._queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
         self._live = len(jobs)
-        self._tasks = [asyncio.create_task(self._pump(engine, job), name=f"choice-{job.index}")
-                       for job in jobs]
+        self._tasks = [asyncio.create_task(self._pump(engine, job), name=f"choice-{job.index}") for job in jobs]
 
     async def _pump(self, engine: AsyncEngine, job: Job) -> None:
         try:

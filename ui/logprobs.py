@@ -2,6 +2,7 @@
 
 The hard part is naming a token: OpenAI reports each token's text and its exact UTF-8
 bytes, and a token can hold half of a multi-byte character."""
+
 from __future__ import annotations
 
 import math

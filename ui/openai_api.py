@@ -3,6 +3,7 @@
 Each generation route: parse and validate the body (400 naming the field), template or
 tokenize the prompt off the event loop, check the context length, then run one engine
 request per choice through `Fanout`, whole or streamed as server-sent events."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,15 @@ from .errors import APIError, error_body, to_api_error
 from .formatting import DONE, ChatFormatter, ChoiceResult, CompletionFormatter, Formatter, Meta, sse
 from .generation import ClosingStreamingResponse, Fanout, Job, unless_disconnected
 from .logprobs import TokenTexts
-from .schemas import (MAX_CHOICES, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
-                      SamplingRequest, parse_request)
+from .schemas import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    parse_request,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -36,16 +44,15 @@ def _engine(request: Request) -> AsyncEngine:
 
 def _require_ready(engine: AsyncEngine) -> None:
     # The server answers while the model loads (and while a broken pipeline recovers).
-    if engine.engine is None or not engine.stats().ready:
-        raise APIError(503, f"The model '{engine.model_name}' is not ready; retry shortly.",
-                       code="model_not_ready")
+    if not engine.ready:
+        raise APIError(503, f"The model '{engine.model_name}' is not ready; retry shortly.", code="model_not_ready")
 
 
 def _token_texts(request: Request, engine: AsyncEngine) -> TokenTexts:
     # Built on first use: the tokenizer arrives with the model, after the app is built.
     texts = getattr(request.app.state, "token_texts", None)
-    if texts is None or texts.tokenizer is not engine.engine.tokenizer:
-        texts = request.app.state.token_texts = TokenTexts(engine.engine.tokenizer)
+    if texts is None or texts.tokenizer is not engine.tokenizer:
+        texts = request.app.state.token_texts = TokenTexts(engine.tokenizer)
     return texts
 
 
@@ -88,10 +95,11 @@ async def chat_completions(request: Request) -> Response:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", "top_logprobs", "invalid_value")
     if req.max_tokens is not None and req.max_completion_tokens not in (None, req.max_tokens):
-        raise APIError(400, "Pass max_completion_tokens or max_tokens, not two different values.",
-                       "max_tokens", "invalid_value")
+        raise APIError(
+            400, "Pass max_completion_tokens or max_tokens, not two different values.", "max_tokens", "invalid_value"
+        )
     messages = [{"role": m.role, "content": m.content} for m in req.messages]
-    ids = await asyncio.to_thread(engine.engine.encode_chat, messages)
+    ids = await asyncio.to_thread(engine.encode_chat, messages)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens or req.max_tokens
     jobs = _jobs(engine, req, [ids], max_tokens, logprobs, "messages")
@@ -108,9 +116,13 @@ async def completions(request: Request) -> Response:
         raise APIError(400, f"prompts x n must be at most {MAX_CHOICES}.", "n", "invalid_value")
     for i, p in enumerate(req.prompt):
         if not p:
-            raise APIError(400, "A prompt must not be empty.", "prompt" if len(req.prompt) == 1 else f"prompt[{i}]",
-                           "invalid_value")
-    prompts = await asyncio.to_thread(lambda: [engine.engine.encode(p) for p in req.prompt])
+            raise APIError(
+                400,
+                "A prompt must not be empty.",
+                "prompt" if len(req.prompt) == 1 else f"prompt[{i}]",
+                "invalid_value",
+            )
+    prompts = await asyncio.to_thread(lambda: [engine.encode(p) for p in req.prompt])
     jobs = _jobs(engine, req, prompts, req.max_tokens, req.logprobs, "prompt")
     meta = _meta(request, req, "cmpl", len(jobs), sum(map(len, prompts)), req.logprobs is not None)
     return await _run(request, engine, jobs, CompletionFormatter(meta, _token_texts(request, engine)), bool(req.stream))
@@ -118,48 +130,74 @@ async def completions(request: Request) -> Response:
 
 def _check_model(engine: AsyncEngine, name: str | None) -> None:
     if name is not None and name != engine.model_name:
-        raise APIError(404, f"The model '{name}' does not exist; this server serves '{engine.model_name}'.",
-                       "model", "model_not_found")
+        raise APIError(
+            404,
+            f"The model '{name}' does not exist; this server serves '{engine.model_name}'.",
+            "model",
+            "model_not_found",
+        )
 
 
 def _check_common(engine: AsyncEngine, req: SamplingRequest) -> None:
     _check_model(engine, req.model)
     _require_ready(engine)
     if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options",
-                       "invalid_value")
+        raise APIError(400, "stream_options is only allowed when stream is true.", "stream_options", "invalid_value")
 
 
-def _jobs(engine: AsyncEngine, req: SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
-          logprobs: int | None, prompt_param: str) -> list[Job]:
+def _jobs(
+    engine: AsyncEngine,
+    req: SamplingRequest,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_param: str,
+) -> list[Job]:
     """One job per (prompt, choice); choice j of a seeded request uses seed + j."""
+
     def pick(value, default):
         return default if value is None else value
 
     base = SamplingParams(
-        temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0), top_k=pick(req.top_k, 0),
-        min_p=pick(req.min_p, 0.0), repetition_penalty=pick(req.repetition_penalty, 1.0),
-        presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
-        seed=req.seed, stop=list(req.stop or []), logprobs=logprobs, max_tokens=max_tokens or 1,
-        ignore_eos=req.ignore_eos)
+        temperature=pick(req.temperature, 1.0),
+        top_p=pick(req.top_p, 1.0),
+        top_k=pick(req.top_k, 0),
+        min_p=pick(req.min_p, 0.0),
+        repetition_penalty=pick(req.repetition_penalty, 1.0),
+        presence_penalty=pick(req.presence_penalty, 0.0),
+        frequency_penalty=pick(req.frequency_penalty, 0.0),
+        seed=req.seed,
+        stop=list(req.stop or []),
+        logprobs=logprobs,
+        max_tokens=max_tokens or 1,
+        ignore_eos=req.ignore_eos,
+    )
     jobs = []
     for p, ids in enumerate(prompts):
         # Like vLLM, no max_tokens means "the rest of the context".
-        budget = max_tokens or max(1, engine.engine.max_model_len - len(ids))
-        engine.engine.check_length(len(ids), budget, prompt_param)
+        budget = max_tokens or max(1, engine.max_model_len - len(ids))
+        engine.check_length(len(ids), budget, prompt_param)
         for j in range(req.n):
             seed = None if req.seed is None else req.seed + j
             jobs.append(Job(p * req.n + j, ids, dataclasses.replace(base, max_tokens=budget, seed=seed)))
     return jobs
 
 
-def _meta(request: Request, req: SamplingRequest, prefix: str, num_choices: int, prompt_tokens: int,
-          logprobs: bool) -> Meta:
+def _meta(
+    request: Request, req: SamplingRequest, prefix: str, num_choices: int, prompt_tokens: int, logprobs: bool
+) -> Meta:
     rid = f"{prefix}-{uuid.uuid4().hex}"
     if req.user:
         log.info("%s for user %r", rid, req.user)
-    return Meta(id=rid, created=int(time.time()), model=_engine(request).model_name, num_choices=num_choices,
-                prompt_tokens=prompt_tokens, logprobs=logprobs, include_usage=req.include_usage)
+    return Meta(
+        id=rid,
+        created=int(time.time()),
+        model=_engine(request).model_name,
+        num_choices=num_choices,
+        prompt_tokens=prompt_tokens,
+        logprobs=logprobs,
+        include_usage=req.include_usage,
+    )
 
 
 async def _run(request: Request, engine: AsyncEngine, jobs: list[Job], fmt: Formatter, stream: bool) -> Response:
@@ -174,8 +212,11 @@ async def _run(request: Request, engine: AsyncEngine, jobs: list[Job], fmt: Form
     except BaseException:
         await fan.aclose()
         raise
-    return ClosingStreamingResponse(_events(fan, first, fmt), media_type="text/event-stream",
-                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return ClosingStreamingResponse(
+        _events(fan, first, fmt),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _collect(engine: AsyncEngine, jobs: list[Job]) -> list[ChoiceResult]:

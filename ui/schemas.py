@@ -4,6 +4,7 @@ Requests are strict and closed: wrong JSON types are refused rather than coerced
 fields are refused by name (`extra="forbid"`), and the OpenAI parameters this server does not
 implement are refused with their own message unless they carry their no-op value (clients
 such as Open WebUI send `"tools": []` or `"echo": false` on every call)."""
+
 from __future__ import annotations
 
 import json
@@ -49,11 +50,14 @@ class ChatMessage(_Closed):
                 raise PydanticCustomError(
                     "unsupported_content",
                     "content part {index} has type '{kind}'; only 'text' parts are supported",
-                    {"index": i, "kind": kind})
+                    {"index": i, "kind": kind},
+                )
             if set(part) != {"type", "text"} or not isinstance(part["text"], str):
                 raise PydanticCustomError(
-                    "invalid_content", "content part {index} must hold exactly 'type': 'text' and a string 'text'",
-                    {"index": i})
+                    "invalid_content",
+                    "content part {index} must hold exactly 'type': 'text' and a string 'text'",
+                    {"index": i},
+                )
             texts.append(part["text"])
         return "\n".join(texts)
 
@@ -94,8 +98,13 @@ class SamplingRequest(_Closed):
 
 class ChatCompletionRequest(SamplingRequest):
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (),
-        "functions": ([],), "function_call": ("none",), "response_format": ({"type": "text"},),
+        "logit_bias": ({},),
+        "tools": ([],),
+        "tool_choice": ("none",),
+        "parallel_tool_calls": (),
+        "functions": ([],),
+        "function_call": ("none",),
+        "response_format": ({"type": "text"},),
     }
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -106,7 +115,10 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "logit_bias": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",),
+        "logit_bias": ({},),
+        "echo": (False,),
+        "best_of": (1,),
+        "suffix": ("",),
     }
 
     prompt: list[str] = Field(min_length=1)
@@ -135,15 +147,18 @@ def parse_request(raw: bytes, model: type[Req]) -> Req:
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request: {e}",
-                       code="invalid_json") from None
+        raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     for name, noops in model.UNSUPPORTED.items():
         if name in body:
             if not _is_noop(body[name], noops):
-                raise APIError(400, f"Unsupported parameter: '{name}' is not supported by this server.",
-                               name, "unsupported_parameter")
+                raise APIError(
+                    400,
+                    f"Unsupported parameter: '{name}' is not supported by this server.",
+                    name,
+                    "unsupported_parameter",
+                )
             del body[name]
     try:
         return model.model_validate(body)

@@ -2,6 +2,7 @@
 around them (access log, API key, body size limit).
 
 `/` is left free: the Gradio UI is mounted there by the caller."""
+
 from __future__ import annotations
 
 import hmac
@@ -59,8 +60,9 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _is_api(scope["path"]) and not self._authorized(scope):
-            err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+            err = APIError(
+                401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
             await error_response(err, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -113,9 +115,13 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-def build_app(engine: AsyncEngine, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-              on_startup: Callable[[], Awaitable[None]] | None = None,
-              status_extra: Callable[[], dict] | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    on_startup: Callable[[], Awaitable[None]] | None = None,
+    status_extra: Callable[[], dict] | None = None,
+) -> FastAPI:
     """The master's app over an AsyncEngine, whose model may still be loading (generation
     routes answer 503 until it is attached). The lifespan starts the engine's model thread
     (a no-op without a model yet), runs `on_startup` on the server's event loop (the

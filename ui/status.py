@@ -3,6 +3,7 @@
 Rendering is split from Gradio wiring: `nodes_frame` and `summary_html` are plain
 functions of data (testable without a browser); `build_status_tab` only wires them to
 components and a 1 s timer that runs while the tab is open."""
+
 from __future__ import annotations
 
 import html
@@ -17,8 +18,18 @@ from cluster.registry import NodeInfo, NodeRegistry, NodeState
 from inference.async_engine import AsyncEngine, EngineStats
 
 # Most telling first: on a phone the first columns are what shows without scrolling.
-COLUMNS = ["node", "state", "layers", "model", "backend / device", "memory used / free", "tok/s",
-           "heartbeat", "RTT", "address"]
+COLUMNS = [
+    "node",
+    "state",
+    "layers",
+    "model",
+    "backend / device",
+    "memory used / free",
+    "tok/s",
+    "heartbeat",
+    "RTT",
+    "address",
+]
 DATATYPES = ["str", "html"] + ["str"] * (len(COLUMNS) - 2)  # state: a coloured dot (CSS)
 REFRESH_S = 1.0  # the status page refreshes at most this often
 
@@ -42,18 +53,21 @@ def fmt_layers(node: NodeInfo, total: int | None) -> str:
 def nodes_frame(nodes: list[NodeInfo], now: float, total_layers: dict[str, int] | None = None) -> pd.DataFrame:
     """The node table; `now` is time.monotonic(), `total_layers` maps model -> layer count."""
     total_layers = total_layers or {}
-    rows = [[
-        n.node_id,
-        f'<span class="node-state state-{n.state.value}">{n.state.value}</span>',
-        fmt_layers(n, total_layers.get(n.model)),
-        n.model,
-        f"{n.backend} / {n.device}",
-        f"{fmt_bytes(n.mem_used_bytes)} / {fmt_bytes(n.mem_free_bytes)}",
-        "—" if n.tok_s is None else f"{n.tok_s:.1f}",
-        f"{max(0.0, now - n.last_heartbeat):.1f} s ago",
-        "—" if n.rtt_ms is None else f"{n.rtt_ms:.1f} ms",
-        n.address,
-    ] for n in nodes]
+    rows = [
+        [
+            n.node_id,
+            f'<span class="node-state state-{n.state.value}">{n.state.value}</span>',
+            fmt_layers(n, total_layers.get(n.model)),
+            n.model,
+            f"{n.backend} / {n.device}",
+            f"{fmt_bytes(n.mem_used_bytes)} / {fmt_bytes(n.mem_free_bytes)}",
+            "—" if n.tok_s is None else f"{n.tok_s:.1f}",
+            f"{max(0.0, now - n.last_heartbeat):.1f} s ago",
+            "—" if n.rtt_ms is None else f"{n.rtt_ms:.1f} ms",
+            n.address,
+        ]
+        for n in nodes
+    ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -75,9 +89,16 @@ def summarize(stats: EngineStats, nodes: list[NodeInfo], master_id: str | None) 
     the rates of pipeline stages would count each token once per stage."""
     mine = [n for n in nodes if n.model == stats.model]
     master = next((n for n in mine if n.node_id == master_id), None)
-    return ModelSummary(stats.model, stats.ready, stats.waiting, stats.running,
-                        stats.kv_blocks_used, stats.kv_blocks_free,
-                        master.tok_s if master is not None else None, len(mine))
+    return ModelSummary(
+        stats.model,
+        stats.ready,
+        stats.waiting,
+        stats.running,
+        stats.kv_blocks_used,
+        stats.kv_blocks_free,
+        master.tok_s if master is not None else None,
+        len(mine),
+    )
 
 
 def summary_html(summaries: list[ModelSummary]) -> str:
@@ -85,19 +106,30 @@ def summary_html(summaries: list[ModelSummary]) -> str:
     for s in summaries:
         state = "ready" if s.ready else "loading…"
         rate = "—" if s.tok_s is None else f"{s.tok_s:.1f}"
-        stats = [("queued", s.waiting), ("running", s.running),
-                 ("KV blocks used / free", f"{s.kv_used} / {s.kv_free}"), ("tok/s", rate),
-                 ("nodes", s.nodes)]
-        cells = "".join(f'<div class="stat"><span class="stat-value">{html.escape(str(v))}</span>'
-                        f'<span class="stat-label">{html.escape(k)}</span></div>' for k, v in stats)
-        cards.append(f'<section class="model-card"><header><strong>{html.escape(s.model)}</strong>'
-                     f'<span class="pill pill-{"ok" if s.ready else "wait"}">{state}</span></header>'
-                     f'<div class="stats">{cells}</div></section>')
+        stats = [
+            ("queued", s.waiting),
+            ("running", s.running),
+            ("KV blocks used / free", f"{s.kv_used} / {s.kv_free}"),
+            ("tok/s", rate),
+            ("nodes", s.nodes),
+        ]
+        cells = "".join(
+            f'<div class="stat"><span class="stat-value">{html.escape(str(v))}</span>'
+            f'<span class="stat-label">{html.escape(k)}</span></div>'
+            for k, v in stats
+        )
+        cards.append(
+            f'<section class="model-card"><header><strong>{html.escape(s.model)}</strong>'
+            f'<span class="pill pill-{"ok" if s.ready else "wait"}">{state}</span></header>'
+            f'<div class="stats">{cells}</div></section>'
+        )
     return "".join(cards)
 
 
-EMPTY_HELP = ("**No nodes yet.** The master lists itself here as soon as it starts; workers "
-              "appear when they join with `python -m cluster.worker --master http://HOST:PORT`.")
+EMPTY_HELP = (
+    "**No nodes yet.** The master lists itself here as soon as it starts; workers "
+    "appear when they join with `python -m cluster.worker --master http://HOST:PORT`."
+)
 
 
 class StatusView:
@@ -113,8 +145,8 @@ class StatusView:
         if self.master is not None:
             self.master.refresh(self.registry, now)
         nodes = self.registry.snapshot()
-        sync = self.engine.engine
-        totals = {self.engine.model_name: sync.loaded.layers.num_layers} if sync is not None else {}
+        info = self.engine.info()
+        totals = {self.engine.model_name: info.num_layers} if info is not None else {}
         summary = summarize(self.engine.stats(), nodes, self.master.node_id if self.master else None)
         frame = nodes_frame(nodes, now, totals)
         return summary_html([summary]), frame, "" if nodes else EMPTY_HELP
@@ -126,16 +158,28 @@ def build_status_tab(view: StatusView, tab: gr.Tab) -> gr.Timer:
     the caller stops it (`stop_timer`) when another tab is selected."""
     summary = gr.HTML(elem_id="model-summary", js_on_load=None)
     empty = gr.Markdown(elem_id="nodes-empty")
-    table = gr.Dataframe(headers=COLUMNS, datatype=DATATYPES, interactive=False, wrap=False,
-                         elem_id="nodes-table", label="Nodes", show_label=False, max_height=480)
-    gr.Markdown("Layers are decoder layers `[start, end)`. Memory is the process / available "
-                "RAM on CPU and used / free device memory on CUDA. Refreshes every second "
-                "while this tab is open.", elem_classes=["muted"])
+    table = gr.Dataframe(
+        headers=COLUMNS,
+        datatype=DATATYPES,
+        interactive=False,
+        wrap=False,
+        elem_id="nodes-table",
+        label="Nodes",
+        show_label=False,
+        max_height=480,
+    )
+    gr.Markdown(
+        "Layers are decoder layers `[start, end)`. Memory is the process / available "
+        "RAM on CPU and used / free device memory on CUDA. Refreshes every second "
+        "while this tab is open.",
+        elem_classes=["muted"],
+    )
     timer = gr.Timer(REFRESH_S, active=False)
     outputs = [summary, table, empty]
     timer.tick(view.render, outputs=outputs, show_progress="hidden", queue=False)
     tab.select(lambda: gr.Timer(active=True), outputs=timer, queue=False).then(
-        view.render, outputs=outputs, show_progress="hidden", queue=False)
+        view.render, outputs=outputs, show_progress="hidden", queue=False
+    )
     return timer
 
 

@@ -6,6 +6,7 @@ Google Fonts, so the page works on an offline machine.
 
 API key: when `api_key` is set the page sits behind Gradio's own login (`auth=`): a
 login form whose *password* must be the API key; any username is accepted."""
+
 from __future__ import annotations
 
 import hmac
@@ -32,7 +33,10 @@ TITLE = "ringllm"
 def theme() -> gr.themes.Base:
     # System font stacks only: a GoogleFont here would make every page load call fonts.googleapis.com.
     return gr.themes.Soft(
-        primary_hue="indigo", secondary_hue="slate", neutral_hue="slate", radius_size="md",
+        primary_hue="indigo",
+        secondary_hue="slate",
+        neutral_hue="slate",
+        radius_size="md",
         font=["Inter", "ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
         font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
     )
@@ -40,9 +44,11 @@ def theme() -> gr.themes.Base:
 
 def header_html(model_name: str) -> str:
     logo = (ASSETS / "logo.svg").read_text()  # inline: no extra request, styled by style.css
-    return (f'<header class="app-header">{logo}<div><h1>{TITLE}</h1>'
-            f'<p>chat with <b>{html.escape(model_name)}</b>, split across your machines · '
-            f'OpenAI API at <code>/v1</code></p></div></header>')
+    return (
+        f'<header class="app-header">{logo}<div><h1>{TITLE}</h1>'
+        f"<p>chat with <b>{html.escape(model_name)}</b>, split across your machines · "
+        f"OpenAI API at <code>/v1</code></p></div></header>"
+    )
 
 
 def build_blocks(engine: AsyncEngine, registry: NodeRegistry, master: MasterNode | None) -> gr.Blocks:
@@ -64,22 +70,31 @@ def _key_auth(api_key: str):
     return check
 
 
-def mount_ui(app: FastAPI, engine: AsyncEngine, registry: NodeRegistry, api_key: str | None = None,
-             address: str | None = None) -> FastAPI:
+def mount_ui(
+    app: FastAPI, engine: AsyncEngine, registry: NodeRegistry, api_key: str | None = None, address: str | None = None
+) -> FastAPI:
     """Mount the Chat + Nodes page at `/` of `app` and return the app.
 
     `registry` feeds the Nodes tab; the master's own row is refreshed into it while the tab
-    is open (`address` is the URL shown in that row; default: unknown until the lead passes
-    the server URL). With `api_key`, the page needs a login: password = the key."""
+    is open (`address` is the URL shown in that row; the master passes its own). With
+    `api_key`, the page needs a login: password = the key."""
     master = MasterNode(engine, address or "this server")
     master.refresh(registry)  # the master is listed from the first snapshot on
     demo = build_blocks(engine, registry, master)
     auth = _key_auth(api_key) if api_key else None
     return gr.mount_gradio_app(
-        app, demo, path="/",
+        app,
+        demo,
+        path="/",
         auth=auth,
         auth_message="Enter this server's API key as the password (any username).",
-        theme=theme(), css_paths=[ASSETS / "style.css"], favicon_path=str(ASSETS / "logo.svg"),
-        footer_links=[], ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
+        theme=theme(),
+        css_paths=[ASSETS / "style.css"],
+        favicon_path=str(ASSETS / "logo.svg"),
+        footer_links=[],
+        ssr_mode=False,
+        pwa=False,
+        mcp_server=False,
+        enable_monitoring=False,
         show_error=True,
     )

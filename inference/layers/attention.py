@@ -4,6 +4,7 @@ The runner orders every batch as [decodes..., prefills...]: decodes (one new tok
 each) are attended in one padded, batched call; each prefill chunk gets its own call
 with a bottom-right-aligned causal mask (its earlier tokens may already be cached).
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,14 @@ class AttentionMetadata:
     block_size: int
 
 
-def build_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor, q_lens: list[int],
-                   ctx_lens: list[int], num_decodes: int, block_size: int) -> AttentionMetadata:
+def build_metadata(
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_lens: list[int],
+    ctx_lens: list[int],
+    num_decodes: int,
+    block_size: int,
+) -> AttentionMetadata:
     """The one place the decode padding mask is derived (the runner and the stage wire use it)."""
     decode_len = max(ctx_lens[:num_decodes], default=0)
     decode_mask = None
@@ -44,8 +51,9 @@ def build_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor, q_len
         dev = block_tables.device
         dec_ctx = torch.tensor(ctx_lens[:num_decodes], device=dev)
         decode_mask = (torch.arange(decode_len, device=dev)[None] < dec_ctx[:, None])[:, None, None]
-    return AttentionMetadata(slot_mapping, block_tables, list(q_lens), list(ctx_lens), num_decodes,
-                             decode_len, decode_mask, block_size)
+    return AttentionMetadata(
+        slot_mapping, block_tables, list(q_lens), list(ctx_lens), num_decodes, decode_len, decode_mask, block_size
+    )
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
@@ -90,8 +98,12 @@ class Attention(nn.Module):
         self._kernel = _optional_backend(backend) if backend != "sdpa" else None
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D]; kv_cache: two [num_blocks, block_size, KVH, D]."""
         k_cache, v_cache = kv_cache
@@ -127,7 +139,9 @@ class Attention(nn.Module):
             bias = self._kernel.attn_bias.LowerTriangularFromBottomRightMask()
             kv_rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(kv_rep, dim=1), v.repeat_interleave(kv_rep, dim=1)
-            return self._kernel.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=self.scale)[0]
+            return self._kernel.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=self.scale)[
+                0
+            ]
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         if ctx == n:
             o = _sdpa(qt, kt, vt, causal=True)

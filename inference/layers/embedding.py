@@ -5,6 +5,7 @@ with zero rows, so every rank's logits have one shape for the gather). The embed
 up the ids in its slice, zeroes the others and all-reduces (exactly one rank contributes
 each row, so the sum is exact); the LM head computes its slice of the logits and rank 0
 gathers them. With TP 1 the slice is the whole vocabulary and both are plain ops."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..distributed import all_reduce, gather_last_dim, tp_rank, tp_size
 from .gemm import dense
-from .linear import Loaded, _check, loaded_shape, read
+from .linear import Loaded, _check, loaded_shape, read, set_weight_loader
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -26,7 +27,7 @@ class VocabParallelEmbedding(nn.Module):
         # Real (unpadded) rows of this rank's slice.
         self.num_real = max(0, min(vocab_size, self.vocab_start + self.per_rank) - self.vocab_start)
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden))
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         _check("vocabulary rows", loaded_shape(loaded), (self.vocab_size, param.shape[1]))

@@ -3,6 +3,7 @@
 Measured here (MKL, 2 cores): for 2..128 rows, `F.linear(x, W)` costs up to 3.5x more than
 computing `W @ x.T` and transposing back (e.g. the 49152 x 576 LM head at 8 rows: 48 ms vs
 14 ms); at one row and from ~256 rows on, F.linear is as fast or faster. CUDA keeps F.linear."""
+
 from __future__ import annotations
 
 import torch

@@ -11,8 +11,10 @@ name lookup (nano-vllm's packed_modules_mapping); merging Q/K/V and gate/up, and
 out this rank's shard, happen here at load time. `loaded` is a tensor or a safetensors
 slice: from a slice only this rank's rows/columns are read from disk. With TP 1 every
 layer is the plain matmul it always was (`gemm.dense`): no extra op on the hot path."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +25,14 @@ from .gemm import dense
 
 # A torch.Tensor or a safetensors `PySafeSlice` (get_shape() and [a:b, c:d] indexing).
 Loaded = Any
+# (param, loaded, shard_id): copies a checkpoint tensor, or one shard of a merged one, into param.
+WeightLoader = Callable[[nn.Parameter, Loaded, Any], None]
+
+
+def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
+    """Attach the loader that inference/loader.py looks up on `param` (vLLM's set_weight_attrs)."""
+    # An attribute of our own on the Parameter, which torch's stubs do not declare.
+    param.weight_loader = loader  # type: ignore[attr-defined]
 
 
 def loaded_shape(loaded: Loaded) -> tuple[int, ...]:
@@ -65,10 +75,10 @@ class MergedColumnParallelLinear(nn.Module):
         local = sum(n for _, n in self.shares)
         # torch.empty: the loader fills every value; random init would only cost time.
         self.weight = nn.Parameter(torch.empty(local, in_features))
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
         if bias:
             self.bias = nn.Parameter(torch.empty(local))
-            self.bias.weight_loader = self.weight_loader
+            set_weight_loader(self.bias, self.weight_loader)
         else:
             self.register_parameter("bias", None)
 
@@ -143,10 +153,10 @@ class RowParallelLinear(nn.Module):
         self.in_start, self.in_local = shard_range(in_features, self.tp_rank, self.tp_size)
         self.in_features = in_features
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
-            self.bias.weight_loader = default_weight_loader
+            set_weight_loader(self.bias, default_weight_loader)
         else:
             self.register_parameter("bias", None)
 
@@ -159,4 +169,3 @@ class RowParallelLinear(nn.Module):
             return dense(x, self.weight, self.bias)
         y = all_reduce(dense(x, self.weight))
         return y if self.bias is None else y + self.bias
-

@@ -1,4 +1,5 @@
 """Rotary position embeddings, with the Llama-3 and linear frequency scalings."""
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,9 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> to
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE in the rotate-half layout of HF checkpoints."""
+
+    cos: torch.Tensor  # [max_position, head_dim], registered as buffers in __init__
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any] | None):
         super().__init__()

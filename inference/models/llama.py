@@ -1,4 +1,5 @@
 """LLaMA family (Llama 2/3, SmolLM, ...), built for one pipeline stage's layer range."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ CosSin = tuple[torch.Tensor, torch.Tensor]
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, attn_backend: str):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          bias=cfg.qkv_bias)
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.qkv_bias
+        )
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         # This rank's heads (all of them without tensor parallelism), as the projection split them.
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -74,7 +76,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_backend) for i in range(len(rng)))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if rng.head else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]
+    ) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         if self.layers:
             rope = self.rotary.cos_sin(positions, h.dtype)
@@ -107,8 +111,18 @@ class LlamaForCausalLM(nn.Module):
             # One tensor for both ends; a last-only stage loads the embedding into lm_head.
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]
+    ) -> torch.Tensor:
         return self.model(x, positions, meta, caches)
 
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, H] of the token ids; only where the stage holds the embedding."""
+        if self.model.embed_tokens is None:
+            raise RuntimeError("this stage does not hold the embedding")
+        return self.model.embed_tokens(token_ids)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None or self.model.norm is None:
+            raise RuntimeError("this stage does not hold the LM head")
         return self.lm_head(self.model.norm(hidden))

@@ -1,4 +1,5 @@
 """Qwen2 family: the LLaMA architecture with a bias on the merged Q/K/V projection."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,19 +1,20 @@
 """Maps a checkpoint's `architectures` entry to our model class."""
-from __future__ import annotations
 
-from torch import nn
+from __future__ import annotations
 
 from ..errors import UnsupportedModel
 from .llama import LlamaForCausalLM
 from .qwen2 import Qwen2ForCausalLM
 
-MODELS: dict[str, type[nn.Module]] = {
+# Every supported architecture is LLaMA-shaped (Qwen2 subclasses it), so callers get a typed
+# model: its config, packed_modules_mapping, embed and compute_logits.
+MODELS: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
 }
 
 
-def model_class(architecture: str) -> type[nn.Module]:
+def model_class(architecture: str) -> type[LlamaForCausalLM]:
     try:
         return MODELS[architecture]
     except KeyError:

@@ -1,0 +1,82 @@
+"""The command-line flags that the master (app.py), the worker, a hand-run stage server and
+`inference.generate` share: defined once here, so their names, choices, defaults and help
+never drift apart. Light on purpose (no torch import): `--help` and flag errors stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .config import ATTN_BACKENDS, DTYPE_NAMES
+from .model_source import DEFAULT_MODEL
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def port_number(value: str) -> int:
+    """A TCP port; 0 means any free one."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{n} is not a valid port (0-65535)")
+    return n
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="local HF dir, .gguf file, HF hub repo id, or 'smollm2' (ships offline)"
+    )
+
+
+def add_compute(p: argparse.ArgumentParser, device_default: str = "cpu") -> None:
+    """--dtype, --device, --attn: how this process runs its layers."""
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype")
+    p.add_argument("--device", default=device_default, help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--attn",
+        choices=ATTN_BACKENDS,
+        default="sdpa",
+        help="attention backend (xformers/flash need CUDA; fall back to sdpa)",
+    )
+
+
+def add_kv_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="KV cache budget in GiB (default: enough for --max-batch full contexts, at most "
+        "min(1 GiB, 25%% of free RAM) on CPU or 80%% of free GPU memory)",
+    )
+
+
+def add_tp(p: argparse.ArgumentParser, help_extra: str = "") -> None:
+    p.add_argument(
+        "--tp",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="tensor parallel: split every layer over N processes on this machine (gloo on CPU, "
+        "nccl on CUDA)" + (f"; {help_extra}" if help_extra else ""),
+    )
+
+
+def add_log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="logging verbosity")
+
+
+def setup_logging(level: str, **kw) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, **kw)

@@ -1,0 +1,104 @@
+"""Shared test helpers and fixtures.
+
+Helpers are plain functions (import them: `from .conftest import free_port`); fixtures are
+found by pytest. Waits poll state with a deadline instead of asserting on elapsed time:
+a busy 2-core CI machine may be slow, but it must never be wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Short chat prompts for the default model, shared by the tests that compare a split model with one process.
+QUESTIONS = [
+    "What is 2+2?",
+    "Name a colour.",
+    "Say hi.",
+    "What is the capital of Italy?",
+    "Name a dog breed.",
+    "Count to five.",
+    "What is water made of?",
+    "Give me a fruit.",
+]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the caller binds it soon after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition", interval: float = 0.02):
+    """Poll `pred` until it returns something truthy (returned); AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+async def until(pred: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
+    """`wait_for` for async tests: yields to the event loop between polls."""
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def start_stage(
+    start: int,
+    end: int,
+    next_hop: str | None = None,
+    model: str = "smollm2",
+    tp: int = 1,
+    num_blocks: int = 256,
+    block_size: int = 16,
+) -> tuple[subprocess.Popen, str]:
+    """A hand-run stage server (`python -m cluster.stage_server`) for layers [start, end);
+    returns the process and its gRPC address once it has loaded and bound its port."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.stage_server",
+        "--model",
+        model,
+        "--layers",
+        str(start),
+        str(end),
+        "--num-blocks",
+        str(num_blocks),
+        "--block-size",
+        str(block_size),
+        "--port",
+        "0",
+        "--tp",
+        str(tp),
+    ]
+    if next_hop:
+        cmd += ["--next-hop", next_hop]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until the stage has loaded and bound its port
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"stage failed to start: {line!r}")
+    return proc, line.rsplit(" ", 1)[1].strip()
