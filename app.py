@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' on /v1/* (env RINGLLM_API_KEY)",
     )
     cli.add_compute(p)
+    cli.add_quant(p)
     cli.add_kv_cache(p)
     p.add_argument("--max-batch", type=cli.positive_int, default=32, help="most sequences decoded together")
     p.add_argument(
@@ -143,6 +144,7 @@ def master_config(args: argparse.Namespace):
         max_batch_tokens=args.max_batch_tokens,
         attn=args.attn,
         tp=args.tp,
+        quant=args.quant,
     )
     if args.tp > 1:
         from inference.distributed import check_tp

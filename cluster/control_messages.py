@@ -100,6 +100,8 @@ class Shard(BaseModel):
     num_blocks: Annotated[int, Field(ge=1, le=_MAX_INT)]
     block_size: Annotated[int, Field(ge=1, le=1 << 16)]
     dtype: DType
+    # How the stage holds its weights: none, int8 or int4 (the master resolves "auto" first).
+    quant: Annotated[str, Field(pattern=r"^(none|int8|int4)$")] = "none"
 
     @model_validator(mode="after")
     def _span(self) -> Shard:

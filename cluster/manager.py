@@ -26,7 +26,7 @@ from inference.model_runner import ModelRunner
 from inference.runner import Runner
 
 from .control import ControlServer
-from .control_messages import Assign
+from .control_messages import Assign, Holding
 from .pipeline import PipelineRunner
 from .planner import LayerCost, NodeCapacity, Plan, PlanError, plan_layers
 from .ring import ResultServer, RingClient
@@ -64,6 +64,8 @@ class ClusterManager:
         load_timeout: float = 600.0,
         connect: Connect | None = None,
     ):
+        if cfg.quant == "auto":
+            raise ValueError("resolve --quant auto before planning: every stage must hold its weights the same way")
         if (want_workers is None) != (make_engine is None):
             raise ValueError("make_engine is needed exactly when the master waits for workers")
         self.aengine = aengine
@@ -156,16 +158,18 @@ class ClusterManager:
         self.plan_error = None
         await self._apply(plan, workers)
 
+    def _ours(self, h: Holding) -> bool:
+        """Whether a worker's loaded layers are of the model this master serves, held the same way."""
+        return (h.model, h.num_layers, h.dtype, h.quant) == (
+            self.cfg.model,
+            self.mcfg.num_layers,
+            self.cfg.dtype,
+            self.cfg.quant,
+        )
+
     def _make_plan(self, workers: list[WorkerConn]) -> Plan:
         n = self.mcfg.num_layers
-        holdings = {
-            w.node_id: w.holding
-            for w in workers
-            if w.holding
-            and w.holding.model == self.cfg.model
-            and w.holding.num_layers == n
-            and w.holding.dtype == self.cfg.dtype
-        }
+        holdings = {w.node_id: w.holding for w in workers if w.holding and self._ours(w.holding)}
         covered = sorted((h.start, h.end) for h in holdings.values())
         adoptable = (
             len(holdings) == len(workers)
@@ -200,9 +204,9 @@ class ClusterManager:
                 h = w.holding
                 if (
                     h
+                    and self._ours(h)
                     and (h.start, h.end, h.num_blocks, h.block_size)
                     == (a.start, a.end, self.num_blocks, self.cfg.block_size)
-                    and h.model == self.cfg.model
                     and self.plan is None
                     and w.state.value == "joining"
                 ):
@@ -220,6 +224,7 @@ class ClusterManager:
                         num_blocks=self.num_blocks,
                         block_size=self.cfg.block_size,
                         dtype=self.cfg.dtype,
+                        quant=self.cfg.quant,
                         next_hop=nxt,
                     ),
                 )

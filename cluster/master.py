@@ -172,16 +172,21 @@ class Master:
     def _load(self) -> ClusterManager | None:
         """The one place that decides how the master serves; runs in a worker thread."""
         from inference.engine import Engine, kv_pool_blocks, load_tokenizer
-        from inference.loader import DTYPES, load_model, read_config
+        from inference.loader import DTYPES, load_model, read_config, resolve_quant
         from inference.model_runner import ModelRunner
         from inference.model_source import resolve_model
         from inference.tp_runner import tp_engine
 
-        cfg = self.cfg.engine
+        # Resolved once, here: the master, its TP ranks and every worker hold the weights alike.
+        cfg = dataclasses.replace(
+            self.cfg.engine, quant=resolve_quant(self.cfg.engine.quant, self.cfg.engine.model, self.cfg.engine.device)
+        )
         advertise = self.cfg.result_host
         if self.cfg.workers:  # a pipeline master: the embedding, final norm and LM head, no layers
             n = read_config(resolve_model(cfg.model)).num_layers
-            ends = load_model(cfg.model, cfg.dtype, cfg.device, layers=LayerRange(0, 0, n, embed=True, head=True))
+            ends = load_model(
+                cfg.model, cfg.dtype, cfg.device, layers=LayerRange(0, 0, n, embed=True, head=True), quant=cfg.quant
+            )
             tokenizer = load_tokenizer(ends.path)
             num_blocks = kv_pool_blocks(cfg, ends.config, n)  # every stage holds the same block ids
             local = ModelRunner(

@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size", type=cli.positive_int, default=16, help="tokens per KV block (must equal the master's)"
     )
     cli.add_compute(p)
+    cli.add_quant(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind")
     p.add_argument(
         "--port", type=cli.port_number, default=0, help="gRPC port (0 = any free; the bound port is printed)"
@@ -268,10 +269,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.tp,
                 args.host,
                 args.attn,
+                args.quant,
             )
             loaded = runner.loaded
         else:
-            loaded = load_model(args.model, args.dtype, args.device, layers=rng, attn=args.attn)
+            loaded = load_model(args.model, args.dtype, args.device, layers=rng, attn=args.attn, quant=args.quant)
         servicer = StageServicer(args.node_id or f"stage-{rng.start}-{rng.end}", args.device)
         servicer.install(loaded, args.num_blocks, args.block_size, args.dtype, args.next_hop, runner)
         server, port = serve(servicer, args.host, args.port)

@@ -123,7 +123,7 @@ class Worker:
 
     async def on_assign(self, a: Assign) -> Ready | Failed:
         want = a.shard()
-        weights = ("model", "start", "end", "num_layers", "dtype")
+        weights = ("model", "start", "end", "num_layers", "dtype", "quant")
         t = time.perf_counter()
         try:
             stage = self.servicer.stage
@@ -158,10 +158,11 @@ class Worker:
                         a.block_size,
                         tp,
                         self.args.host,
+                        quant=a.quant,
                     )
                     loaded = runner.loaded
                 else:
-                    loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng)
+                    loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng, quant=a.quant)
                 self.servicer.install(loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop, runner)
                 self.loads += 1
         except (InferenceError, OSError, RuntimeError, ValueError) as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .config import ATTN_BACKENDS, DTYPE_NAMES
+from .config import ATTN_BACKENDS, DTYPE_NAMES, QUANT_CHOICES
 from .model_source import DEFAULT_MODEL
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -50,6 +50,16 @@ def add_compute(p: argparse.ArgumentParser, device_default: str = "cpu") -> None
         choices=ATTN_BACKENDS,
         default="sdpa",
         help="attention backend (xformers/flash need CUDA; fall back to sdpa)",
+    )
+
+
+def add_quant(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quant",
+        choices=QUANT_CHOICES,
+        default="auto",
+        help="weights: int8 / int4 packed for this CPU's fastest kernel, none = float (exact parity); "
+        "auto keeps a GGUF source quantized (4-bit blocks -> int4) on CPU and float otherwise",
     )
 
 

@@ -109,6 +109,7 @@ class LayerRange:
 
 
 ATTN_BACKENDS = ("sdpa", "xformers", "flash")
+QUANT_CHOICES = ("auto", "none", "int8", "int4")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -128,10 +129,15 @@ class EngineConfig:
     # Tensor-parallel ranks on this machine. `inference.tp_runner.tp_engine(cfg)` starts
     # them; a plain `Engine(cfg)` is one process whatever this says.
     tp: int = 1
+    # Weights: "none" (float, the parity path), "int8", "int4", or "auto" (a GGUF source keeps
+    # its own precision on CPU; the command line's default). See inference/layers/quant.py.
+    quant: str = "none"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
             raise InvalidParameter("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        if self.quant not in QUANT_CHOICES:
+            raise InvalidParameter("quant", f"{self.quant!r} is not one of {', '.join(QUANT_CHOICES)}")
         if self.attn not in ATTN_BACKENDS:
             raise InvalidParameter("attn", f"{self.attn!r} is not one of {', '.join(ATTN_BACKENDS)}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:

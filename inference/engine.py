@@ -122,7 +122,7 @@ class Engine:
         steps to its stages); then `num_blocks`, the pool every stage holds, is required."""
         self.cfg = cfg
         t0 = time.perf_counter()
-        self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, attn=cfg.attn)
+        self.loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device, attn=cfg.attn, quant=cfg.quant)
         self.tokenizer = tokenizer or load_tokenizer(self.loaded.path)
         self.load_seconds = time.perf_counter() - t0
         mcfg = self.loaded.config

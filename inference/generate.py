@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     cli.add_compute(p)
+    cli.add_quant(p)
     cli.add_kv_cache(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return p
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 attn=args.attn,
                 kv_cache_gb=args.kv_cache_gb,
                 max_batch=1,
+                quant=args.quant,
             )
         )
         if args.raw:

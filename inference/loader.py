@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .config import LayerRange, ModelConfig
-from .errors import ModelNotFound, UnsupportedModel
+from .errors import InvalidParameter, ModelNotFound, UnsupportedModel
 from .layers.linear import default_weight_loader
-from .model_source import resolve_model
+from .layers.quant import PackableWeight, choose, describe
+from .model_source import DEFAULT_MODEL, resolve_model, smollm2_path
 from .models.llama import LlamaForCausalLM
 from .models.registry import model_class
 
@@ -35,6 +37,35 @@ class LoadedModel:
     config: ModelConfig
     path: Path  # local HF-style directory (also holds the tokenizer)
     layers: LayerRange
+    quant: str = "none"  # how the weights are held: "none", "int8" or "int4" (never "auto")
+
+
+# GGUF block types by the precision `--quant auto` keeps: 4-bit blocks stay int4, 5- to 8-bit int8.
+_GGUF_INT4 = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS")
+_GGUF_INT8 = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_K")
+
+
+def gguf_file(source: str) -> Path | None:
+    """The GGUF file behind a `--model` value, or None if it is not a GGUF source."""
+    if source == DEFAULT_MODEL:
+        return smollm2_path()
+    path = Path(source).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def resolve_quant(requested: str, source: str, device: str) -> str:
+    """`--quant auto`: on CPU a GGUF source keeps its own precision (4-bit blocks -> int4,
+    5- to 8-bit -> int8), as llama.cpp and transformers do; anything else stays float."""
+    if requested != "auto":
+        return requested
+    path = gguf_file(source)
+    if path is None or not device.startswith("cpu"):
+        return "none"
+    from gguf import GGUFReader
+
+    kinds = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors if t.name.startswith("blk."))
+    main = kinds.most_common(1)[0][0] if kinds else "F32"
+    return "int4" if main in _GGUF_INT4 else "int8" if main in _GGUF_INT8 else "none"
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -100,19 +131,32 @@ def load_model(
     device: str = "cpu",
     layers: tuple[int, int] | LayerRange | None = None,
     attn: str = "sdpa",
+    quant: str = "none",
 ) -> LoadedModel:
+    """Build and fill the model for `layers`; `quant` ("auto", "none", "int8", "int4") packs
+    the linear weights once loaded, with the kernel this CPU runs fastest (layers/quant.py)."""
     path = resolve_model(source)
     cfg = read_config(path)
     if isinstance(layers, LayerRange):
         rng = layers
     else:
         rng = LayerRange(*(layers or (0, cfg.num_layers)), cfg.num_layers)
+    kind = resolve_quant(quant, source, device)
+    try:
+        spec = choose(kind, device)
+    except ValueError as e:
+        raise InvalidParameter("quant", str(e)) from None
     cls = model_class(cfg.architecture)
     with _default_dtype(DTYPES[dtype]), torch.device(device):
-        model = cls(cfg, rng, attn)
+        model = cls(cfg, rng, attn, spec)
     load_weights(model, path, rng)
+    if spec is not None:
+        packable = [m for m in model.modules() if isinstance(m, PackableWeight)]
+        for m in tqdm(packable, desc=f"packing {kind} weights", unit="matrix", disable=None):
+            m.process_weights_after_loading()
+    log.info("layers [%d, %d): %s", rng.start, rng.end, describe(spec))
     model.eval().requires_grad_(False)
-    return LoadedModel(model, cfg, path, rng)
+    return LoadedModel(model, cfg, path, rng, kind)
 
 
 def load_weights(model: LlamaForCausalLM, path: Path, rng: LayerRange) -> None:

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-blocks", type=int, required=True)
     p.add_argument("--block-size", type=int, required=True)
     p.add_argument("--attn", default="sdpa")
+    p.add_argument("--quant", default="none", choices=("none", "int8", "int4"))
     p.add_argument("--parent", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = LayerRange(
             args.layers[0], args.layers[1], args.layers[2], embed=bool(args.ends[0]), head=bool(args.ends[1])
         )
-        loaded = load_model(args.model, args.dtype, device, rng, args.attn)
+        loaded = load_model(args.model, args.dtype, device, rng, args.attn, args.quant)
         runner = ModelRunner(
             loaded.model, loaded.config, loaded.layers, args.num_blocks, args.block_size, DTYPES[args.dtype], device
         )

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .config import EngineConfig, LayerRange
 from .distributed import bind_address, check_tp, close_group, init_group, pin_interface, rank_device
-from .loader import DTYPES, LoadedModel, load_model, read_config
+from .loader import DTYPES, LoadedModel, load_model, read_config, resolve_quant
 from .model_runner import ModelRunner
 from .model_source import resolve_model
 from .runner import StepInputs
@@ -87,6 +87,7 @@ def _spawn(
     num_blocks: int,
     block_size: int,
     attn: str,
+    quant: str,
 ) -> subprocess.Popen:
     cmd = [
         sys.executable,
@@ -119,6 +120,8 @@ def _spawn(
         str(block_size),
         "--attn",
         attn,
+        "--quant",
+        quant,
         "--parent",
         str(os.getpid()),
         "--threads",
@@ -203,9 +206,12 @@ def start_tp(
     tp: int,
     host: str | None = "127.0.0.1",
     attn: str = "sdpa",
+    quant: str = "none",
 ) -> TPRunner:
     """Start a TP group of `tp` ranks for layer range `rng` of `source`; returns rank 0's
-    runner (its `loaded` holds rank 0's shard and the model config)."""
+    runner (its `loaded` holds rank 0's shard and the model config). `quant` is resolved
+    here from the source, so every rank packs the same way."""
+    quant = resolve_quant(quant, source, device)
     path = resolve_model(source)
     cfg = read_config(path)
     check_tp(cfg, tp)
@@ -215,7 +221,8 @@ def start_tp(
     pin_interface(addr)
     store = dist.TCPStore(addr, 0, tp, is_master=True, timeout=_STORE_TIMEOUT, wait_for_workers=False)
     procs = [
-        _spawn(r, tp, addr, store.port, path, rng, dtype, device, num_blocks, block_size, attn) for r in range(1, tp)
+        _spawn(r, tp, addr, store.port, path, rng, dtype, device, num_blocks, block_size, attn, quant)
+        for r in range(1, tp)
     ]
     ranks = RankProcesses(procs)
     log.info("TP group of %d on %s:%d (%s)", tp, addr, store.port, os.environ.get("GLOO_SOCKET_IFNAME", "default"))
@@ -225,7 +232,7 @@ def start_tp(
         if not dev.startswith("cuda"):
             torch.set_num_threads(threads_per_rank(tp))
         init_group(store, 0, tp, dev)
-        loaded = load_model(str(path), dtype, dev, rng, attn)
+        loaded = load_model(str(path), dtype, dev, rng, attn, quant)
         local = ModelRunner(loaded.model, loaded.config, loaded.layers, num_blocks, block_size, DTYPES[dtype], dev)
         dist.barrier()  # every rank holds its shard and its KV pool
     except BaseException:
@@ -247,7 +254,9 @@ def tp_engine(cfg: EngineConfig, host: str | None = "127.0.0.1", tokenizer=None)
     # Decided before the Engine exists, because the ranks allocate their pools first;
     # counted for all KV heads (the ranks' shares add up to that on one machine).
     num_blocks = kv_pool_blocks(cfg, mcfg, mcfg.num_layers, rank_device(cfg.device, 0))
-    runner = start_tp(cfg.model, cfg.dtype, cfg.device, None, num_blocks, cfg.block_size, cfg.tp, host, cfg.attn)
+    runner = start_tp(
+        cfg.model, cfg.dtype, cfg.device, None, num_blocks, cfg.block_size, cfg.tp, host, cfg.attn, cfg.quant
+    )
     try:
         return Engine(cfg, loaded=runner.loaded, tokenizer=tokenizer, num_blocks=num_blocks, runner=runner)
     except BaseException:

@@ -72,6 +72,7 @@ def start_stage(
     tp: int = 1,
     num_blocks: int = 256,
     block_size: int = 16,
+    quant: str = "none",
 ) -> tuple[subprocess.Popen, str]:
     """A hand-run stage server (`python -m cluster.stage_server`) for layers [start, end);
     returns the process and its gRPC address once it has loaded and bound its port."""
@@ -92,6 +93,8 @@ def start_stage(
         "0",
         "--tp",
         str(tp),
+        "--quant",
+        quant,
     ]
     if next_hop:
         cmd += ["--next-hop", next_hop]

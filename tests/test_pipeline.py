@@ -71,6 +71,32 @@ def test_two_stages_match_single_process_for_8_concurrent_requests(ring):
     engine.runner.close()
 
 
+def test_a_quantized_split_equals_the_quantized_single_process(ring):
+    """int4 stages (what `--quant auto` gives the default model) and an int4 master: the same
+    tokens as one int4 process for the same batches."""
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    single = Engine(EngineConfig(max_batch=8, kv_cache_gb=0.1, quant="int4"))
+    prompts = [single.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    expected = single.generate(prompts, greedy)
+    stage = dict(num_blocks=NUM_BLOCKS, block_size=BLOCK, quant="int4")
+    second, addr2 = start_stage(15, 30, **stage)
+    first, addr1 = start_stage(0, 15, next_hop=addr2, **stage)
+    try:
+        ends = load_model("smollm2", layers=LayerRange(0, 0, 30, embed=True, head=True), quant="int4")
+        local = ModelRunner(ends.model, ends.config, ends.layers, NUM_BLOCKS, BLOCK, torch.float32, "cpu")
+        client = RingClient(addr1, ring["results"], ring["reply_to"], timeout=30)
+        engine = Engine(
+            EngineConfig(max_batch=8), loaded=ends, num_blocks=NUM_BLOCKS, runner=PipelineRunner(local, client)
+        )
+        got = engine.generate(prompts, greedy)
+        client.close()
+    finally:
+        for p in (first, second):
+            p.kill()
+            p.wait()
+    assert [g[0] for g in got] == [e[0] for e in expected]
+
+
 def test_stage_one_acknowledges_without_relaying_the_answer(ring):
     step_id, fut = ring["results"].expect()
     req = encode_step(

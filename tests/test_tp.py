@@ -25,21 +25,12 @@ from inference.model_runner import ModelRunner
 from inference.scheduler import ScheduledSeq
 from inference.sequence import Sequence
 from inference.tp_runner import start_tp, tp_engine
-from tests.tiny_models import make_tiny
+from tests.tiny_models import IdTokenizer, make_tiny
 
 from .conftest import start_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-
-
-class IdTokenizer:
-    """Enough of a tokenizer for the Engine on a tiny random model: text is the ids."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
-        return "".join(f" {i}" for i in ids)
 
 
 # -- pure parts ------------------------------------------------------------------------------

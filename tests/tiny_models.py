@@ -54,3 +54,12 @@ def make_tiny(kind: str, path: Path, seed: int = 0):
                 p.normal_(0, 0.5)
     model.save_pretrained(str(path))
     return model
+
+
+class IdTokenizer:
+    """Enough of a tokenizer for the Engine on a tiny random model: text is the ids."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
+        return "".join(f" {i}" for i in ids)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_reduce, gather_last_dim, tp_rank, tp_size
-from .gemm import dense
 from .linear import Loaded, _check, loaded_shape, read, set_weight_loader
+from .quant import PackableWeight, QuantSpec
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -43,12 +43,18 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(h.masked_fill_(outside.unsqueeze(-1), 0))
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PackableWeight, VocabParallelEmbedding):
     """Final hidden states -> vocabulary logits (bias-free). Full logits [n, V] come back
-    on rank 0; other ranks get their own slice (which the caller ignores)."""
+    on rank 0; other ranks get their own slice (which the caller ignores). With `quant` its
+    weight is packed with the spec's head kernel once loaded (a tied embedding stays float)."""
+
+    def __init__(self, vocab_size: int, hidden: int, quant: QuantSpec | None = None):
+        super().__init__(vocab_size, hidden)
+        self.kernel = quant.head_kernel if quant else None
+        self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = dense(x, self.weight)
+        logits = self.matmul(x)
         if self.tp_size == 1:
             return logits
         full = gather_last_dim(logits)

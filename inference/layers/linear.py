@@ -22,6 +22,7 @@ from torch import nn
 
 from ..distributed import all_reduce, kv_head_start, kv_heads_per_rank, shard_range, tp_rank, tp_size
 from .gemm import dense
+from .quant import PackableWeight, QuantSpec
 
 # A torch.Tensor or a safetensors `PySafeSlice` (get_shape() and [a:b, c:d] indexing).
 Loaded = Any
@@ -60,13 +61,16 @@ def _check(what: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
         raise ValueError(f"shape mismatch for {what}: checkpoint {got}, expected {want}")
 
 
-class MergedColumnParallelLinear(nn.Module):
+class MergedColumnParallelLinear(PackableWeight, nn.Module):
     """Several projections of one input stacked along the output dimension, each split
     across ranks: this rank holds its share of every part, in part order. Checkpoint
-    parts arrive as shard ids 0, 1, ... (or all at once, already merged: shard_id None)."""
+    parts arrive as shard ids 0, 1, ... (or all at once, already merged: shard_id None).
+    With `quant` the weight is packed once loaded (see layers/quant.py)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, quant: QuantSpec | None = None):
         super().__init__()
+        self.kernel = quant.kernel if quant else None
+        self.packed = None
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
@@ -103,12 +107,15 @@ class MergedColumnParallelLinear(nn.Module):
             param.data[dst_start : dst_start + n].copy_(read(loaded, 0, src_start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense(x, self.weight, self.bias)
+        if self.packed is None:
+            return dense(x, self.weight, self.bias)
+        y = self.packed(x)
+        return y if self.bias is None else y + self.bias
 
 
 class ColumnParallelLinear(MergedColumnParallelLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(in_features, [out_features], bias)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantSpec | None = None):
+        super().__init__(in_features, [out_features], bias, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id=None) -> None:
         super().weight_loader(param, loaded, None)
@@ -121,7 +128,9 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
     _index = {"q": 0, "k": 1, "v": 2}
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, quant: QuantSpec | None = None
+    ):
         size = tp_size()
         self.head_dim = head_dim
         self.total_kv_heads = num_kv_heads
@@ -129,7 +138,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.num_kv_heads = kv_heads_per_rank(num_kv_heads, size)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias)
+        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias, quant)
 
     def _share(self, part: int) -> tuple[int, int]:
         if part == 0:
@@ -143,12 +152,14 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableWeight, nn.Module):
     """Input dimension split across ranks; the partial products are summed by an
     all-reduce, and the bias (held whole by every rank) is added once, after it."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantSpec | None = None):
         super().__init__()
+        self.kernel = quant.kernel if quant else None
+        self.packed = None
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
         self.in_start, self.in_local = shard_range(in_features, self.tp_rank, self.tp_size)
         self.in_features = in_features
@@ -165,7 +176,9 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(read(loaded, 1, self.in_start, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+        if self.tp_size == 1 and self.packed is None:
             return dense(x, self.weight, self.bias)
-        y = all_reduce(dense(x, self.weight))
+        y = self.matmul(x)
+        if self.tp_size > 1:
+            y = all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -11,6 +11,7 @@ from ..layers.attention import Attention, AttentionMetadata
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
+from ..layers.quant import QuantSpec
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -18,12 +19,12 @@ CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_backend: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_backend: str, quant: QuantSpec | None):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.qkv_bias
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias=cfg.qkv_bias, quant=quant
         )
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False, quant=quant)
         # This rank's heads (all of them without tensor parallelism), as the projection split them.
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -39,21 +40,23 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quant: QuantSpec | None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False, quant=quant
+        )
         self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_backend: str):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_backend: str, quant: QuantSpec | None):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, attn_backend)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, layer_idx, attn_backend, quant)
+        self.mlp = LlamaMLP(cfg, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -68,12 +71,12 @@ class LlamaModel(nn.Module):
     embed, send hidden states out, and finish them when they return).
     `layers[i]` is global layer `start + i`."""
 
-    def __init__(self, cfg: ModelConfig, rng: LayerRange, attn_backend: str):
+    def __init__(self, cfg: ModelConfig, rng: LayerRange, attn_backend: str, quant: QuantSpec | None):
         super().__init__()
         self.rng = rng
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if rng.embed else None
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_backend) for i in range(len(rng)))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_backend, quant) for i in range(len(rng)))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if rng.head else None
 
     def forward(
@@ -101,12 +104,18 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, rng: LayerRange | None = None, attn_backend: str = "sdpa"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rng: LayerRange | None = None,
+        attn_backend: str = "sdpa",
+        quant: QuantSpec | None = None,
+    ):
         super().__init__()
         self.config = cfg
         self.rng = rng if rng is not None else LayerRange(0, cfg.num_layers, cfg.num_layers)
-        self.model = LlamaModel(cfg, self.rng, attn_backend)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if self.rng.head else None
+        self.model = LlamaModel(cfg, self.rng, attn_backend, quant)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, quant) if self.rng.head else None
         if self.lm_head is not None and cfg.tie_word_embeddings and self.model.embed_tokens is not None:
             # One tensor for both ends; a last-only stage loads the embedding into lm_head.
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,205 @@
+"""Quantized weights for the linear layers and the LM head, with the CPU kernel chosen by
+what the processor has.
+
+Formats (`--quant`):
+- int4: 4-bit codes in groups of 32 input columns, each group with its own scale and
+  zero (w = (q - 8) * scale + zero), which is llama.cpp's Q4_1 block exactly (scale = d,
+  zero = m + 8d), so a Q4_1 GGUF's codes come back unchanged.
+- int8: 8-bit codes with one symmetric scale per output row.
+The LM head is always int8 when quantizing (llama.cpp keeps it at Q8_0 too).
+
+Kernels, measured on the default model's matmuls at batch 1 (2 cores): on a CPU with native
+bf16 (AVX512-BF16 or AMX) `torch._weight_int4pack_mm_for_cpu` and `torch._weight_int8pack_mm`
+with bf16 activations are the fast ones (Intel Xeon with AMX: fp32 dense 56 tok/s, int8pack
+112, int4pack 153; the same ops with fp32 activations are 5-10x slower). On AVX2 only, both
+have no fast path (Zen 3: int8pack 13, int4pack 7 against fp32 dense 19) and fbgemm's dynamic
+int8 (`quantized::linear_dynamic`, 82 there) is used for both formats. These are torch core
+ops: torchao's weight-only CPU paths dispatch to the same two pack kernels."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .gemm import dense
+
+log = logging.getLogger(__name__)
+
+INT4_GROUP = 32
+KERNELS = ("dense", "int8pack", "int4pack", "fbgemm")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str]) -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def has_fbgemm() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@dataclass(frozen=True, slots=True)
+class QuantSpec:
+    """How a stage's linear layers hold their weights: `kind` is the format asked for
+    ("int8" or "int4"); `kernel` what runs it on this machine, `head_kernel` the LM head's."""
+
+    kind: str
+    kernel: str
+    head_kernel: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int8", "int4") or self.kernel not in KERNELS or self.head_kernel not in KERNELS:
+            raise ValueError(f"bad quantization {self}")
+
+
+def choose(kind: str, device: str, flags: frozenset[str] | None = None, fbgemm: bool | None = None) -> QuantSpec | None:
+    """The spec for `kind` ("none", "int8" or "int4") on this machine; None means float
+    weights. Pure given `flags` and `fbgemm` (the tests pass them)."""
+    if kind == "none":
+        return None
+    if not device.startswith("cpu"):
+        raise ValueError(f"--quant {kind} runs on CPU only for now; use --quant none on {device}")
+    flags = cpu_flags() if flags is None else flags
+    fbgemm = has_fbgemm() if fbgemm is None else fbgemm
+    if native_bf16(flags):
+        return QuantSpec(kind, "int4pack" if kind == "int4" else "int8pack", "int8pack")
+    if fbgemm:  # AVX2: the pack kernels have no fast path; fbgemm's int8 does
+        return QuantSpec(kind, "fbgemm", "fbgemm")
+    return QuantSpec(kind, "int8pack", "int8pack")  # correct everywhere, if not fast
+
+
+def describe(spec: QuantSpec | None) -> str:
+    if spec is None:
+        return "float weights"
+    why = "native bf16" if native_bf16(cpu_flags()) else "no native bf16"
+    return f"{spec.kind} weights, {spec.kernel} kernel, LM head {spec.head_kernel} ({why})"
+
+
+class Int8Pack(nn.Module):
+    """Symmetric per-row int8 weights for `torch._weight_int8pack_mm` (bf16 activations)."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+
+
+class Int4Pack(nn.Module):
+    """Asymmetric 4-bit weights in groups of 32 for `torch._weight_int4pack_mm_for_cpu`
+    (bf16 activations, so scales and zeros are bf16 too)."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP):
+        super().__init__()
+        out_f, in_f = weight.shape
+        if in_f % group:
+            raise ValueError(f"int4 needs the input width ({in_f}) to be a multiple of {group}")
+        w = weight.detach().float().reshape(out_f, in_f // group, group)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        # Codes from the group's minimum: a Q4_1 block's own codes come back exactly.
+        codes = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+        self.group = group
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 2))
+        # [in/group, out, 2]: per group and output row, (scale, zero) with w = (q - 8) * scale + zero.
+        zeros = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_zeros", zeros.to(torch.bfloat16))
+        self.shape = (out_f, in_f)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, as float32 (for tests and quality checks)."""
+        eye = torch.eye(self.shape[1], dtype=torch.bfloat16)
+        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).float().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group, self.scales_zeros)
+        return y.to(x.dtype)
+
+
+class FbgemmInt8(nn.Module):
+    """fbgemm's prepacked int8 weights with dynamic per-batch activation quantization (fp32)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU int8 is the pack kernel
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(q, None)  # opaque: not a buffer
+        self._dequantized = q.dequantize  # kept for tests; holds the small int8 tensor only
+
+    def dequantized(self) -> torch.Tensor:
+        return self._dequantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)
+
+
+class PackableWeight:
+    """Mixin of the layers that can hold their `weight` packed: set `kernel` in __init__
+    (None = float); the loader calls `process_weights_after_loading` once every tensor is in,
+    which packs the weight and drops the float copy; `matmul(x)` is x @ W.T either way."""
+
+    weight: Any  # the float nn.Parameter until packed, then None
+    kernel: str | None
+    packed: nn.Module | None
+
+    def process_weights_after_loading(self) -> None:
+        if self.kernel is None or self.weight is None:
+            return
+        self.packed = pack(self.weight.data, self.kernel)
+        self.weight = None  # a tied embedding keeps its own reference to the float tensor
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(x)
+        assert self.weight is not None
+        return dense(x, self.weight)
+
+
+def pack(weight: torch.Tensor, kernel: str) -> nn.Module:
+    """`weight` [out, in] packed for `kernel`; int4 falls back to int8 for a shape it cannot
+    tile (e.g. a tensor-parallel shard whose input columns are not a multiple of 32)."""
+    if kernel == "int4pack":
+        # The kernel packs 16 output rows at a time and groups 32 input columns.
+        if weight.shape[1] % INT4_GROUP == 0 and weight.shape[0] % 16 == 0:
+            return Int4Pack(weight)
+        log.debug("int4: a %s weight does not tile (16 x %d); int8 for this layer", tuple(weight.shape), INT4_GROUP)
+        return Int8Pack(weight)
+    if kernel == "int8pack":
+        return Int8Pack(weight)
+    if kernel == "fbgemm":
+        return FbgemmInt8(weight)
+    raise ValueError(f"no packing for kernel {kernel!r}")
