@@ -1,10 +1,15 @@
-"""Single-sequence decode speed: our engine next to transformers' `generate`, same run.
+"""Single-sequence decode speed: our engine (dtype x quant) next to transformers' `generate`
+and, when llama-cpp-python is installed, llama.cpp on the same GGUF, same run.
 
-    .venv/bin/python bench/decode.py [--dtypes float32 bfloat16] [--tokens 128] [--repeats 3]
+    .venv/bin/python bench/decode.py [--dtypes float32 bfloat16] [--quants none int8 int4]
+                                     [--tokens 128] [--repeats 3]
 
-Both sides get the same chat prompt token ids and generate exactly `--tokens` new tokens
+Every side gets the same chat prompt token ids and generates exactly `--tokens` new tokens
 greedily (end-of-turn ignored); tok/s = new tokens / wall time of the whole generation
-(prefill included), median over repeats. Prints a table; writes bench/results/decode.json.
+(prefill included), median over repeats, the backends interleaved within each repeat.
+`vs HF` compares with transformers at the row's dtype (llama.cpp: the first dtype);
+`agree` is the common prefix of the row's tokens with our first dtype's float ("none") ones.
+Prints the CPU, a table; writes bench/results/decode.json.
 """
 
 from __future__ import annotations
@@ -26,69 +31,172 @@ from inference.engine import Engine  # noqa: E402
 from inference.model_source import smollm2_path  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper."
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-def time_ours(engine: Engine, ids: list[int], n: int) -> float:
+def cpu_info() -> dict:
+    """The CPU's model name (and family/model numbers: a VM may hide the name) and the flags
+    that decide which kernels are fast."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return dict(model=name, flags={f: f in flags for f in CPU_FLAGS})
+
+
+def time_ours(engine: Engine, ids: list[int], n: int) -> tuple[float, list[int]]:
     t = time.perf_counter()
     tokens = engine.generate([ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0][0]
+    dt = time.perf_counter() - t
     assert len(tokens) == n
-    return n / (time.perf_counter() - t)
+    return n / dt, tokens
 
 
-def time_hf(model, ids: list[int], n: int) -> float:
+def time_hf(model, ids: list[int], n: int) -> tuple[float, list[int]]:
     x = torch.tensor([ids])
     t = time.perf_counter()
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    dt = time.perf_counter() - t
     assert out.shape[1] - len(ids) == n
-    return n / (time.perf_counter() - t)
+    return n / dt, out[0, len(ids) :].tolist()
+
+
+def load_llama_cpp():
+    """llama.cpp on the default model's GGUF, or None when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    return Llama(model_path=str(smollm2_path()), n_threads=2, n_threads_batch=2, n_ctx=2048, verbose=False)
+
+
+def llama_cpp_version() -> str | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp.__version__
+
+
+def time_llama_cpp(llm, ids: list[int], n: int) -> tuple[float, list[int]]:
+    """Greedy with llama.cpp's low-level loop: the prompt in one eval, then one eval per new
+    token, each sampled with temperature 0 (argmax), so exactly `n` tokens come out
+    whatever they are (an end-of-turn token does not stop it)."""
+    llm.reset()  # no reuse of the previous run's prompt cache: every run prefills
+    t = time.perf_counter()
+    llm.eval(ids)
+    tokens: list[int] = []
+    while True:
+        tokens.append(llm.sample(temp=0.0))
+        if len(tokens) == n:
+            break
+        llm.eval(tokens[-1:])
+    return n / (time.perf_counter() - t), tokens
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--quants", nargs="+", default=["none", "int8", "int4"])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu["flags"].items()))
     gguf = smollm2_path()
-    rows = []
+    llm = load_llama_cpp()
+    if llm is None:
+        print("llama-cpp-python is not installed: no llama.cpp row (see requirements-bench.txt)")
+    rows: list[dict] = []
+    cpp_runs: list[float] = []
+    cpp_tokens: list[int] = []
     for dtype in args.dtypes:
-        engine = Engine(EngineConfig(dtype=dtype, max_batch=1, kv_cache_gb=0.25))
-        ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
+        engines = {q: Engine(EngineConfig(dtype=dtype, quant=q, max_batch=1, kv_cache_gb=0.25)) for q in args.quants}
+        ids = next(iter(engines.values())).encode_chat([{"role": "user", "content": PROMPT}])
         hf = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)
         ).eval()
-        time_ours(engine, ids, 8), time_hf(hf, ids, 8)  # warm-up
-        ours, ref = [], []
-        for _ in range(args.repeats):  # interleaved, so drifting machine load hits both
-            ours.append(time_ours(engine, ids, args.tokens))
-            ref.append(time_hf(hf, ids, args.tokens))
-        row = dict(
-            dtype=dtype,
-            prompt_tokens=len(ids),
-            new_tokens=args.tokens,
-            ours_tok_s=statistics.median(ours),
-            hf_tok_s=statistics.median(ref),
-            ours_runs=ours,
-            hf_runs=ref,
+        timers = {("ours", q): (time_ours, e) for q, e in engines.items()}
+        timers["transformers", "none"] = (time_hf, hf)
+        if llm is not None:
+            timers["llama.cpp", "gguf"] = (time_llama_cpp, llm)
+        for fn, obj in timers.values():  # warm-up
+            fn(obj, ids, 8)
+        runs: dict[tuple[str, str], list[float]] = {k: [] for k in timers}
+        tokens: dict[tuple[str, str], list[int]] = {}
+        for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
+            for key, (fn, obj) in timers.items():
+                tok_s, tokens[key] = fn(obj, ids, args.tokens)
+                runs[key].append(tok_s)
+        found = []
+        for (backend, quant), r in runs.items():
+            if backend == "llama.cpp":  # the same GGUF whatever the dtype: one row at the end
+                cpp_runs += r
+                cpp_tokens = tokens[backend, quant]
+                continue
+            resolved = engines[quant].loaded.quant if backend == "ours" else "none"
+            found.append(dict(backend=backend, dtype=dtype, quant=resolved, tok_s=statistics.median(r), runs=r))
+            found[-1]["tokens"] = tokens[backend, quant]
+        hf_tok_s = statistics.median(runs["transformers", "none"])
+        for row in found:
+            row.update(prompt_tokens=len(ids), new_tokens=args.tokens, vs_hf=row["tok_s"] / hf_tok_s)
+        rows += found
+        del engines, hf, timers
+    if llm is not None:
+        first_hf = next(r for r in rows if r["backend"] == "transformers")
+        cpp = statistics.median(cpp_runs)
+        rows.append(
+            dict(
+                backend="llama.cpp",
+                dtype="gguf Q4_1",
+                quant="Q4_1",
+                tok_s=cpp,
+                runs=cpp_runs,
+                tokens=cpp_tokens,
+                prompt_tokens=len(ids),
+                new_tokens=args.tokens,
+                vs_hf=cpp / first_hf["tok_s"],
+            )
         )
-        row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
-        rows.append(row)
-        del engine, hf
-    print(f"{'dtype':<10}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}")
+    ref = next((r for r in rows if r["backend"] == "ours" and r["quant"] == "none"), rows[0])["tokens"]
     for r in rows:
-        print(f"{r['dtype']:<10}{r['ours_tok_s']:>12.1f}{r['hf_tok_s']:>12.1f}{r['ratio']:>8.2f}")
+        r["agree_with_float"] = common_prefix(r.pop("tokens"), ref)
+        if llm is not None:
+            r["vs_llama_cpp"] = r["tok_s"] / rows[-1]["tok_s"]
+
+    print(f"{'backend':<14}{'dtype':<11}{'quant':<7}{'tok/s':>8}{'vs HF':>8}{'vs llama.cpp':>14}{'agree':>7}")
+    for r in rows:
+        cpp_col = f"{r['vs_llama_cpp']:>14.2f}" if "vs_llama_cpp" in r else f"{'-':>14}"
+        print(
+            f"{r['backend']:<14}{r['dtype']:<11}{r['quant']:<7}{r['tok_s']:>8.1f}{r['vs_hf']:>8.2f}{cpp_col}"
+            f"{r['agree_with_float']:>7}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
+        cpu=cpu,
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         machine=platform.machine(),
+        llama_cpp=llama_cpp_version(),
         repeats=args.repeats,
         metric="new tokens / wall time of generation, median",
+        agree_with_float="common prefix of the row's greedy tokens with ours, first dtype, quant none",
     )
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")

@@ -8,13 +8,18 @@ Formats (`--quant`):
 - int8: 8-bit codes with one symmetric scale per output row.
 The LM head is always int8 when quantizing (llama.cpp keeps it at Q8_0 too).
 
-Kernels, measured on the default model's matmuls at batch 1 (2 cores): on a CPU with native
-bf16 (AVX512-BF16 or AMX) `torch._weight_int4pack_mm_for_cpu` and `torch._weight_int8pack_mm`
-with bf16 activations are the fast ones (Intel Xeon with AMX: fp32 dense 56 tok/s, int8pack
-112, int4pack 153; the same ops with fp32 activations are 5-10x slower). On AVX2 only, both
-have no fast path (Zen 3: int8pack 13, int4pack 7 against fp32 dense 19) and fbgemm's dynamic
-int8 (`quantized::linear_dynamic`, 82 there) is used for both formats. These are torch core
-ops: torchao's weight-only CPU paths dispatch to the same two pack kernels."""
+Kernels, measured on a loop of only the default model's matmuls at batch 1 (2 cores; whole
+decode steps add per-op overhead on top, see bench/decode.py): on a CPU with native bf16
+(AVX512-BF16 or AMX) `torch._weight_int4pack_mm_for_cpu` and `torch._weight_int8pack_mm` with
+bf16 activations are the fast ones (Intel Xeon with AMX: fp32 dense 56 "tok/s", int8pack 112,
+int4pack 153; the same ops with fp32 activations are 5-10x slower). On AVX2 only, both have no
+fast path (Zen 3: int8pack 13, int4pack 7 against fp32 dense 19) and fbgemm's dynamic int8
+(`quantized::linear_dynamic`, 82 there) is used for both formats. These are torch core ops:
+torchao's weight-only CPU paths dispatch to the same two pack kernels.
+
+Both pack kernels are batch-invariant (a row's result does not depend on the other rows), but
+rounding activations to bf16 turns attention's last-bit differences between batch shapes into
+visible ones, so a quantized model's greedy reply can change with what it is batched with."""
 
 from __future__ import annotations
 
