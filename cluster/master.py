@@ -112,7 +112,10 @@ class Master:
     def status_extra(self) -> dict:
         """What /api/status adds to the engine's stats: the nodes and the cluster's plan."""
         nodes = [dict(dataclasses.asdict(n), state=n.state.value) for n in self.registry.snapshot()]
-        return dict(nodes=nodes, cluster=self.manager.to_json() if self.manager else None)
+        info = self.engine.info()
+        return dict(
+            nodes=nodes, quant=info.quant if info else None, cluster=self.manager.to_json() if self.manager else None
+        )
 
     def _poke(self) -> None:
         if self.manager is not None:

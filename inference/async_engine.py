@@ -57,6 +57,7 @@ class ModelInfo:
     num_layers: int  # of the whole model
     max_model_len: int
     generation_config: dict[str, Any]  # the model's generation_config.json ({} if none)
+    quant: str  # how this process holds its weights: "none", "int8" or "int4"
 
 
 @dataclass(slots=True)
@@ -200,6 +201,7 @@ class AsyncEngine:
             num_layers=rng.num_layers,
             max_model_len=e.max_model_len,
             generation_config=e.generation_config,
+            quant=e.loaded.quant,
         )
 
     # -- requests ---------------------------------------------------------------------------

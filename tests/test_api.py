@@ -154,7 +154,7 @@ def test_models_list_and_retrieve(client, server):
     assert e.value.body["code"] == "model_not_found"
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     st = _status(server)
-    assert st["model"] == MODEL and st["ready"] is True
+    assert st["model"] == MODEL and st["ready"] is True and st["quant"] == "none"  # --quant none
     for key in (
         "waiting",
         "running",

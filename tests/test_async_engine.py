@@ -156,6 +156,7 @@ def test_availability_is_set_and_cleared_through_methods(sync_engine):
             assert aeng.unavailable is None
             info = aeng.info()
             assert info is not None and (info.layer_start, info.layer_end, info.num_layers) == (0, 30, 30)
+            assert info.quant == "none" and info.device == "cpu"
             assert aeng.max_model_len == info.max_model_len and aeng.encode("hi") == sync_engine.encode("hi")
         finally:
             await aeng.shutdown()

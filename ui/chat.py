@@ -147,7 +147,8 @@ class ChatController:
             return f'<div class="banner banner-wait">⏳ model loading… <b>{name}</b></div>'
         return (
             f'<div class="banner banner-ok">● <b>{name}</b> ready · context '
-            f"{info.max_model_len} tokens · device {html.escape(info.device)}</div>"
+            f"{info.max_model_len} tokens · device {html.escape(info.device)}"
+            f"{'' if info.quant == 'none' else f' · {info.quant} weights'}</div>"
         )
 
     def take_message(self, text: str, state: ChatState):
