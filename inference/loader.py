@@ -6,10 +6,12 @@ only that rank's rows or columns from disk."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,11 +154,24 @@ def load_model(
     load_weights(model, path, rng)
     if spec is not None:
         packable = [m for m in model.modules() if isinstance(m, PackableWeight)]
+        if spec.dense_rows is not None and not _room_for_bf16_copies(packable):
+            spec = dataclasses.replace(spec, dense_rows=None)
+            for m in packable:
+                m.dense_rows = None
         for m in tqdm(packable, desc=f"packing {kind} weights", unit="matrix", disable=None):
             m.process_weights_after_loading()
     log.info("layers [%d, %d): %s", rng.start, rng.end, describe(spec))
     model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, path, rng, kind)
+
+
+def _room_for_bf16_copies(layers: Sequence[PackableWeight]) -> bool:
+    """The bf16 copies that speed up prefill on AMX cost 2 bytes a weight: keep them only while
+    they take at most a quarter of the memory available now (small models; big ones stay lean)."""
+    import psutil
+
+    need = 2 * sum(m.weight.numel() for m in layers if m.weight is not None)
+    return need <= psutil.virtual_memory().available // 4
 
 
 def load_weights(model: LlamaForCausalLM, path: Path, rng: LayerRange) -> None:

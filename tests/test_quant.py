@@ -8,6 +8,7 @@ import torch
 
 from inference.config import EngineConfig, SamplingParams
 from inference.engine import Engine
+from inference.layers.linear import MergedColumnParallelLinear
 from inference.layers.quant import (
     INT4_GROUP,
     FbgemmInt8,
@@ -23,13 +24,15 @@ from inference.loader import load_model, resolve_quant
 from tests.tiny_models import IdTokenizer, make_tiny
 
 AMX = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
+ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16"})
 ZEN3 = frozenset({"avx2", "fma", "f16c"})
 
 
 def test_the_kernel_follows_the_cpu():
     assert choose("none", "cpu", AMX, True) is None
-    assert choose("int4", "cpu", AMX, True) == QuantSpec("int4", "int4pack", "int8pack")
-    assert choose("int8", "cpu", AMX, True) == QuantSpec("int8", "int8pack", "int8pack")
+    assert choose("int4", "cpu", AMX, True) == QuantSpec("int4", "int4pack", "int8pack", dense_rows=16)
+    assert choose("int8", "cpu", AMX, True) == QuantSpec("int8", "int8pack", "int8pack", dense_rows=16)
+    assert choose("int4", "cpu", ZEN4, True) == QuantSpec("int4", "int4pack", "int8pack")  # no AMX: no bf16 copy
     # AVX2 only: the pack kernels have no fast path there; fbgemm's int8 serves both formats.
     assert choose("int4", "cpu", ZEN3, True) == QuantSpec("int4", "fbgemm", "fbgemm")
     assert choose("int8", "cpu", ZEN3, False) == QuantSpec("int8", "int8pack", "int8pack")
@@ -85,6 +88,28 @@ def test_packed_matmul_matches_its_dequantized_weight(cls):
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
     step = 0.1 if cls is Int4Pack else 0.02  # within about half a quantization step of the float weight
     assert (p.dequantized() - w).abs().max() < step * w.abs().max()
+
+
+def test_from_16_rows_an_amx_layer_multiplies_by_its_bf16_copy():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * 0.05
+    layer = MergedColumnParallelLinear(96, [64], quant=QuantSpec("int4", "int4pack", "int8pack", dense_rows=16))
+    layer.weight.data.copy_(w)
+    layer.process_weights_after_loading()
+    assert layer.weight is None and layer.packed is not None and layer.dense_copy is not None
+    x = torch.randn(16, 96)
+    assert torch.equal(layer(x[:15]), layer.packed(x[:15]))  # few rows: the int4 kernel
+    assert torch.equal(layer(x), torch.nn.functional.linear(x.bfloat16(), w.bfloat16()).float())
+
+
+def test_big_models_skip_the_bf16_copies(tmp_path, monkeypatch):
+    import psutil
+
+    make_tiny("llama-untied", tmp_path)
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=1024))
+    loaded = load_model(str(tmp_path), quant="int4")
+    assert all(m.dense_copy is None for m in loaded.model.modules() if isinstance(m, PackableWeight))
 
 
 def test_int4_falls_back_to_int8_for_a_width_it_cannot_group():

@@ -50,8 +50,7 @@ class ParallelLMHead(PackableWeight, VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden: int, quant: QuantSpec | None = None):
         super().__init__(vocab_size, hidden)
-        self.kernel = quant.head_kernel if quant else None
-        self.packed = None
+        self.init_packing(quant, head=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.matmul(x)

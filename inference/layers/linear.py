@@ -69,8 +69,7 @@ class MergedColumnParallelLinear(PackableWeight, nn.Module):
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, quant: QuantSpec | None = None):
         super().__init__()
-        self.kernel = quant.kernel if quant else None
-        self.packed = None
+        self.init_packing(quant)
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
@@ -109,7 +108,7 @@ class MergedColumnParallelLinear(PackableWeight, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return dense(x, self.weight, self.bias)
-        y = self.packed(x)
+        y = self.matmul(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -158,8 +157,7 @@ class RowParallelLinear(PackableWeight, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantSpec | None = None):
         super().__init__()
-        self.kernel = quant.kernel if quant else None
-        self.packed = None
+        self.init_packing(quant)
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
         self.in_start, self.in_local = shard_range(in_features, self.tp_rank, self.tp_size)
         self.in_features = in_features
