@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cluster.master import Master
 
-    if failure := Master(cfg).serve():
+    if failure := Master(cfg, announce=lambda line: print(line, file=sys.stderr, flush=True)).serve():
         print(f"error: {failure}", file=sys.stderr)
         return 2
     return 0

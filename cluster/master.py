@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -75,8 +75,11 @@ class Master:
     (its layers are split over ranks, so it cannot hand them to workers). `failure` is set at
     most once, by a failed load, and makes `serve()` stop the server and return it."""
 
-    def __init__(self, cfg: MasterConfig):
+    def __init__(self, cfg: MasterConfig, announce: Callable[[str], None] = log.info):
+        """`announce` gets the lines meant for the person who started the master (how to
+        join workers, the URL once ready); app.py prints them on stderr."""
         self.cfg = cfg
+        self.announce = announce
         self.registry = NodeRegistry()
         self.control = ControlServer(
             self.registry,
@@ -199,11 +202,7 @@ class Master:
             def make_engine(runner):
                 return Engine(cfg, loaded=ends, tokenizer=tokenizer, num_blocks=num_blocks, runner=runner)
 
-            print(
-                f"waiting for {self.cfg.workers} worker(s): python -m cluster.worker --master {self.cfg.url}",
-                file=sys.stderr,
-                flush=True,
-            )
+            self.announce(f"waiting for {self.cfg.workers} worker(s): python -m cluster.worker --master {self.cfg.url}")
             return ClusterManager(
                 self.engine,
                 self.control,
@@ -235,5 +234,5 @@ class Master:
             )
         self.engine.attach(engine)  # last: nothing after it can fail the load
         log.info("model %s ready (%.1f s)", self.cfg.name, engine.load_seconds)
-        print(f"ready: {self.cfg.url}  (OpenAI API at {self.cfg.url}/v1)", file=sys.stderr, flush=True)
+        self.announce(f"ready: {self.cfg.url}  (OpenAI API at {self.cfg.url}/v1)")
         return manager

@@ -106,6 +106,11 @@ def describe(spec: QuantSpec | None) -> str:
     return f"{spec.kind} weights, {spec.kernel} kernel, LM head {spec.head_kernel}{dense} ({why})"
 
 
+def row_scales(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scale of each output row of a float32 weight."""
+    return (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+
+
 class Int8Pack(nn.Module):
     """Symmetric per-row int8 weights for `torch._weight_int8pack_mm` (bf16 activations)."""
 
@@ -115,7 +120,7 @@ class Int8Pack(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        scale = row_scales(w)
         self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
 
@@ -166,7 +171,7 @@ class FbgemmInt8(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+        scale = row_scales(w).double()
         with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU int8 is the pack kernel
             warnings.simplefilter("ignore", UserWarning)
             q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
