@@ -109,8 +109,10 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
         nd = meta.num_decodes
+        if nd == len(meta.q_lens):  # a pure decode step, the hot path: no output buffer to fill
+            return self._decode(q, meta, k_cache, v_cache)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta, k_cache, v_cache)
         start = nd

@@ -36,8 +36,7 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> to
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE in the rotate-half layout of HF checkpoints."""
 
-    cos: torch.Tensor  # [max_position, head_dim], registered as buffers in __init__
-    sin: torch.Tensor
+    table: torch.Tensor  # [max_position, 2, head_dim]: cos, then sin with its first half negated
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict[str, Any] | None):
         super().__init__()
@@ -45,17 +44,22 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        # Buffers, not parameters: rebuilt from the config, never loaded from disk.
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated): the sign
+        # lives in the table, so applying RoPE is 4 ops, not 6 (the same products exactly).
+        sin = emb.sin()
+        sin[:, : head_dim // 2].neg_()
+        # A buffer, not a parameter: rebuilt from the config, never loaded from disk. One
+        # table so a step gathers cos and sin in a single op.
+        self.register_buffer("table", torch.stack((emb.cos(), sin), dim=1), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token tables [T, 1, D], computed once per step and shared by every layer."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """Per-token tables [T, 1, D] (the sine sign-folded, for `apply_rotary` only),
+        computed once per step and shared by every layer."""
+        cs = self.table.index_select(0, positions).to(dtype)
+        return cs[:, :1], cs[:, 1:]
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x: [T, heads, D] (queries and keys may be rotated together in one call)."""
     cos, sin = cos_sin
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
