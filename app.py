@@ -9,6 +9,7 @@ not found, bad flag) is one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -42,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-tokens",
         type=cli.positive_int,
         default=512,
-        help="token budget per step shared by decodes and (chunked) prefills",
+        help="token budget per step shared by decodes and (chunked) prefills; a long prompt is "
+        "prefilled in chunks of at most this, and of half of it while other requests wait",
     )
+    add_admission(p)
     p.add_argument(
         "--workers",
         type=cli.positive_int,
@@ -57,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--join-token",
         default=os.environ.get("RINGLLM_JOIN_TOKEN"),
-        help="workers must prove they know this secret (HMAC challenge; env RINGLLM_JOIN_TOKEN)",
+        help="workers must prove they know this secret (HMAC challenge; env RINGLLM_JOIN_TOKEN); "
+        "required when --host is not a loopback address",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without --join-token: then anyone who can reach the port "
+        "can join as a worker, be given the model's layers and read every prompt (a warning is logged); "
+        "only for a network you fully trust",
     )
     p.add_argument(
         "--grpc-port",
@@ -79,6 +90,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the web page")
     cli.add_log_level(p)
     return p
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {value}")
+    return x
+
+
+def add_admission(p: argparse.ArgumentParser) -> None:
+    """Admission control: how much one client may ask for and how much may wait."""
+    from inference import cli
+
+    g = p.add_argument_group("admission control (a refused request gets HTTP 429)")
+    g.add_argument(
+        "--max-queue",
+        type=_count,
+        default=64,
+        help="requests that may wait for a batch slot (each choice of a request counts); past it, new "
+        "requests get 429 with a Retry-After header",
+    )
+    g.add_argument(
+        "--max-n",
+        type=cli.positive_int,
+        default=16,
+        help="most choices in one request (n, times the prompts of a /v1/completions list)",
+    )
+    g.add_argument(
+        "--max-request-tokens",
+        type=cli.positive_int,
+        default=65536,
+        help="most tokens one request may ask for: prompt + max_tokens, summed over its choices",
+    )
+    g.add_argument(
+        "--max-seqs-per-request",
+        type=cli.positive_int,
+        default=None,
+        help="batch slots the choices of one request may hold (default: half of --max-batch), so that "
+        "one client's n copies leave room for everyone else",
+    )
+    g.add_argument(
+        "--unavailable-wait",
+        type=_seconds,
+        default=60.0,
+        help="seconds a request that has not started waits for a lost pipeline stage to be replaced "
+        "(or for a re-plan) before it fails with 503",
+    )
 
 
 def served_name(model: str) -> str:
@@ -111,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     from inference import cli
 
     cli.setup_logging(args.log_level)
+    from cluster.control_guard import exposure_error, exposure_warning, is_loopback
+
+    if reason := exposure_error(args.host, args.join_token, args.insecure):  # before binding anything
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    if not args.join_token and not is_loopback(args.host):  # --insecure said so: say what it costs
+        logging.getLogger("app").warning(exposure_warning(args.host, args.port))
     if reason := check_port(args.host, args.port):
         print(f"error: {reason}", file=sys.stderr)
         return 1
@@ -133,6 +211,7 @@ def master_config(args: argparse.Namespace):
     """The master's settings from its flags; InferenceError/ValueError for a bad combination
     (a TP size the model can't split is refused before any weight is read)."""
     from cluster.master import MasterConfig
+    from inference.admission import AdmissionLimits
     from inference.config import EngineConfig
 
     engine = EngineConfig(
@@ -142,6 +221,7 @@ def master_config(args: argparse.Namespace):
         kv_cache_gb=args.kv_cache_gb,
         max_batch=args.max_batch,
         max_batch_tokens=args.max_batch_tokens,
+        max_seqs_per_request=args.max_seqs_per_request,
         attn=args.attn,
         tp=args.tp,
         quant=args.quant,
@@ -159,12 +239,19 @@ def master_config(args: argparse.Namespace):
         port=args.port,
         api_key=args.api_key,
         join_token=args.join_token,
+        insecure=args.insecure,
         workers=args.workers,
         grpc_port=args.grpc_port,
         advertise_host=args.advertise_host,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         ui=not args.no_ui,
+        limits=AdmissionLimits(
+            max_queue=args.max_queue,
+            max_n=args.max_n,
+            max_request_tokens=args.max_request_tokens,
+            unavailable_wait_s=args.unavailable_wait,
+        ),
     )
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import queue
+import secrets
 import statistics
 import subprocess
 import sys
@@ -101,9 +102,9 @@ def timed(client: RoundTrip, req: stage_pb2.StepRequest, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
+def spawn(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     line = proc.stdout.readline()
     if "listening on" not in line:
@@ -146,6 +147,7 @@ def transfer_table(tokens: list[int], repeats: int) -> tuple[list[dict], dict]:
 
 
 def pipeline_decode(new_tokens: int, repeats: int) -> dict:
+    from cluster.data_auth import PlanAuth
     from cluster.pipeline import PipelineRunner
     from cluster.ring import ResultServer, RingClient
     from inference.config import EngineConfig, LayerRange, SamplingParams
@@ -155,8 +157,11 @@ def pipeline_decode(new_tokens: int, repeats: int) -> dict:
 
     blocks = 256
     stage = ["-m", "cluster.stage_server", "--num-blocks", str(blocks), "--port", "0"]
-    w2, a2 = spawn(stage + ["--layers", "15", "30"])
-    w1, a1 = spawn(stage + ["--layers", "0", "15", "--next-hop", a2])
+    secret = secrets.token_hex(16)  # the data-plane secret the stages and this driver share
+    env = dict(os.environ, RINGLLM_SECRET=secret)
+    w2, a2 = spawn(stage + ["--layers", "15", "30"], env)
+    w1, a1 = spawn(stage + ["--layers", "0", "15", "--next-hop", a2], env)
+    plan = PlanAuth(["stage-0-15", "stage-15-30"], secret.encode())
     try:
         single = Engine(EngineConfig(max_batch=1, kv_cache_gb=0.1))
         ends = load_model("smollm2", layers=LayerRange(0, 0, 30, embed=True, head=True))
@@ -168,7 +173,7 @@ def pipeline_decode(new_tokens: int, repeats: int) -> dict:
             loaded=ends,
             tokenizer=single.tokenizer,
             num_blocks=blocks,
-            runner=PipelineRunner(local, RingClient(a1, results, f"127.0.0.1:{port}")),
+            runner=PipelineRunner(local, RingClient(a1, results, f"127.0.0.1:{port}", plan)),
         )
         ids = single.encode_chat([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)

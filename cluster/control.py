@@ -7,6 +7,14 @@ both ways and marks it LOST when it goes silent or its socket closes.
 
 The worker side is `control_client.ControlClient`.
 
+Limits, so that nobody who lacks the token can keep real workers out: a socket that has
+not registered yet must do so within `handshake_timeout`, and the pending ones are capped
+per address and in all, shedding the oldest over a cap (control_guard.PendingSockets; the
+shed socket is closed with 1013, try later). Registered workers (they proved the token) are
+capped at `max_workers`. A registered worker that stops heartbeating is dropped after
+`heartbeat_timeout`, loading or not: a worker loads in a thread and keeps beating, so
+silence after an assign means it is gone, and the plan waiting on it hears so at once.
+
 Message schemas and size limits live in control_messages.py; nothing here touches a
 peer's bytes before `parse()` has validated them."""
 
@@ -21,6 +29,7 @@ from collections.abc import Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .control_guard import Pending, PendingSockets
 from .control_messages import (
     CLOSE_POLICY,
     CLOSE_TRY_LATER,
@@ -49,8 +58,9 @@ log = logging.getLogger(__name__)
 
 
 class ControlServer:
-    """Master side of /ws/worker. Invariant: `_conns` holds exactly the live, registered
-    connections, one per node_id, in join order; a node id is never served twice at once.
+    """Master side of /ws/worker. Invariants: `_conns` holds exactly the live, registered
+    connections, one per node_id, in join order, at most `max_workers`; a node id is never
+    served twice at once. `pending` holds the sockets still in their handshake, within its caps.
     Not thread-safe: call its methods on the event loop that runs handle()."""
 
     def __init__(
@@ -59,28 +69,31 @@ class ControlServer:
         join_token: str | None,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 5.0,
-        loading_timeout: float = 600.0,
         model_name: str = "",
-        handshake_timeout: float = 10.0,
-        max_connections: int = 256,
+        handshake_timeout: float = 5.0,
+        max_workers: int = 256,
+        max_pending: int = 64,
+        max_pending_per_host: int = 8,
         on_change: Callable[[str, str], None] | None = None,
     ):
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if not (handshake_timeout > 0 and max_workers >= 1):
+            raise ValueError("need handshake_timeout > 0 and max_workers >= 1")
         self.registry = registry
         self.join_token = join_token or None
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self.loading_timeout = max(loading_timeout, heartbeat_timeout)
         self.model_name = model_name  # shown for workers that hold nothing yet
         self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
+        self.max_workers = max_workers
         # Called as on_change(node_id, event), event in {"registered", "ready", "failed", "lost"},
         # on the event loop; an exception it raises is logged, never propagated.
         self.on_change = on_change
         self._conns: dict[str, WorkerConn] = {}
-        self._open = 0  # sockets accepted, registered or not (the cap counts both)
+        self.pending = PendingSockets(max_pending, max_pending_per_host)
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget closes, kept from garbage collection
+        self._janitor: asyncio.Task | None = None
 
     # ---- public API (the cluster manager's) ----
     def workers(self) -> list[WorkerConn]:
@@ -149,14 +162,12 @@ class ControlServer:
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "unknown peer"
         conn: WorkerConn | None = None
         why = "disconnected"
-        self._open += 1
+        slot = self.pending.admit(ws.client.host if ws.client else "?")
+        self._start_janitor()
         try:
             await ws.accept()
-            if self._open > self.max_connections:
-                log.warning("refused control connection from %s: %d connections open", peer, self._open - 1)
-                await self._refuse(ws, "too many connections", CLOSE_TRY_LATER)
-                return
-            conn = await self._handshake(ws, peer)
+            conn = await self._handshake(ws, peer, slot)
+            self.pending.done(slot)
             if conn is not None:
                 why = await self._serve(conn)
         except ProtocolError as e:
@@ -170,20 +181,37 @@ class ControlServer:
             log.exception("control connection from %s failed", peer)
             why = "internal error"
         finally:
-            self._open -= 1
+            self.pending.done(slot)
             if conn is not None:
                 self._drop(conn, why)
             await self._close(ws, 1000)
 
-    async def _handshake(self, ws: WebSocket, peer: str) -> WorkerConn | None:
-        nonce = secrets.token_hex(32)
+    async def _first_message(self, ws: WebSocket, nonce: str) -> Message | None:
         await ws.send_text(dump(Challenge(nonce=nonce)))
+        return await self._recv(ws)
+
+    async def _handshake(self, ws: WebSocket, peer: str, slot: Pending) -> WorkerConn | None:
+        nonce = secrets.token_hex(32)
+        first = asyncio.ensure_future(self._first_message(ws, nonce))
+        first.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" noise
+        shed = asyncio.ensure_future(slot.shed.wait())
         try:
-            msg = await asyncio.wait_for(self._recv(ws), self.handshake_timeout)
-        except TimeoutError:
-            log.warning("refused %s: no register within %.0f s", peer, self.handshake_timeout)
-            await self._refuse(ws, "no register in time", CLOSE_POLICY)
+            done, _ = await asyncio.wait(
+                (first, shed), timeout=self.handshake_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            first.cancel()
+            shed.cancel()
+        if first not in done:
+            if shed in done:
+                log.debug("shed pending connection from %s: %s", peer, slot.why)
+                await self._refuse(ws, slot.why, CLOSE_TRY_LATER)
+            else:
+                log.debug("refused %s: no register within %.1f s", peer, self.handshake_timeout)
+                self.pending.expired(slot, self.handshake_timeout)
+                await self._refuse(ws, "no register in time", CLOSE_POLICY)
             return None
+        msg = first.result()  # a ProtocolError or a disconnect propagates to handle()
         if msg is None:
             return None
         if not isinstance(msg, Register):
@@ -202,9 +230,13 @@ class ControlServer:
                 log.warning("refused worker %s from %s: bad join token (%s)", msg.node_id, peer, bad)
                 await self._refuse(ws, "bad join token", CLOSE_POLICY)
                 return None
+        if msg.node_id not in self._conns and len(self._conns) >= self.max_workers:
+            log.warning("refused worker %s from %s: %d workers connected", msg.node_id, peer, len(self._conns))
+            await self._refuse(ws, "too many workers", CLOSE_TRY_LATER)
+            return None
         now = time.monotonic()
         old = self._conns.get(msg.node_id)
-        if old is not None and not old.closed and now - old.last_seen <= self._limit(old):
+        if old is not None and not old.closed and now - old.last_seen <= self.heartbeat_timeout:
             log.warning("refused worker %s from %s: already connected from %s", msg.node_id, peer, old.peer)
             await self._refuse(ws, f"node id {msg.node_id} is already connected", CLOSE_POLICY)
             return None
@@ -223,6 +255,7 @@ class ControlServer:
         )
         h, cap = msg.holding, msg.capacity
         self._conns[msg.node_id] = conn
+        self.registry.prune(now)
         self.registry.add(
             NodeInfo(
                 node_id=msg.node_id,
@@ -297,7 +330,7 @@ class ControlServer:
             await asyncio.sleep(tick)
             now = time.monotonic()
             silent = now - conn.last_seen
-            if silent > self._limit(conn):
+            if silent > self.heartbeat_timeout:
                 return f"no heartbeat for {silent:.1f} s"
             if now - last_sent >= self.heartbeat_interval:
                 last_sent = now
@@ -349,15 +382,21 @@ class ControlServer:
         self._notify(conn.node_id, "lost")
 
     # ---- helpers ----
-    def _limit(self, conn: WorkerConn) -> float:
-        # A loading worker normally keeps acking (it loads in a thread), but a loader that holds
-        # the GIL for long stretches may not: give it loading_timeout before calling it dead.
-        return self.loading_timeout if conn.state is NodeState.LOADING else self.heartbeat_timeout
+    def _start_janitor(self) -> None:
+        if self._janitor is None or self._janitor.done():
+            self._janitor = asyncio.get_running_loop().create_task(self._sweep(), name="control-janitor")
+
+    async def _sweep(self) -> None:
+        """Forget departed workers once they are older than the registry's TTL, even when
+        nothing else happens on the channel (registrations prune too)."""
+        while True:
+            await asyncio.sleep(max(0.5, min(60.0, self.registry.departed_ttl / 4)))
+            self.registry.prune(time.monotonic())
 
     def _update(self, node_id: str, **changes) -> None:
         try:
             self.registry.update(node_id, **changes)
-        except KeyError:  # rows are never removed, but a missing one must not cost the connection
+        except KeyError:  # a departed row the registry already forgot: not worth the connection
             pass
 
     def _notify(self, node_id: str, event: str) -> None:

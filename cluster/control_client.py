@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -39,15 +40,24 @@ from .control_messages import (
 from .heartbeat import PingTracker
 
 log = logging.getLogger(__name__)
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_.-]{1,253}$")
 
 
 def control_url(url: str) -> str:
     """http(s)://HOST:PORT[/prefix] → ws(s)://HOST:PORT[/prefix]/ws/worker; ws(s) URLs with a
-    path are used as given; a bare HOST:PORT means http."""
-    u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    path are used as given; a bare HOST:PORT means http. ValueError (one line) for anything
+    else: another scheme, no host, a bad port, a bare word."""
+    want = f"master URL must be http(s)://HOST:PORT, got {url[:200]!r}"
+    try:
+        u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        port = u.port  # a bad or out-of-range port raises here, once, rather than on every retry
+    except ValueError:
+        raise ValueError(want) from None
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(u.scheme.lower())
-    if scheme is None or not u.hostname:
-        raise ValueError(f"master URL must be http(s)://HOST:PORT, got {url!r}")
+    host = u.hostname or ""
+    host_ok = _HOSTNAME.match(host) is not None or ":" in host  # a name, an IPv4 or a bracketed IPv6 address
+    if scheme is None or not host_ok or port == 0 or ("://" not in url and port is None):  # a bare word is no master
+        raise ValueError(want)
     path = u.path if scheme == u.scheme.lower() and u.path not in ("", "/") else u.path.rstrip("/") + "/ws/worker"
     return urllib.parse.urlunsplit((scheme, u.netloc, path, u.query, ""))
 

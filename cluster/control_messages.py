@@ -153,6 +153,17 @@ class Assign(_Base, Shard):
     type: Literal["assign"] = "assign"
     plan_id: Count
     next_hop: Annotated[str, Field(max_length=300)] | None = None  # None: the last stage answers the master
+    # The plan's data-plane keys for this stage (cluster.data_auth), hex; XOR-wrapped with a
+    # pad from the join token and `key_nonce` when `keys_wrapped`. Empty: no keys (the
+    # worker then refuses the assignment: its gRPC server would admit nobody).
+    steps_key: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
+    result_key: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
+    key_nonce: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]*$")] = ""
+    keys_wrapped: bool = False
+    # The plan's budget per step (cluster.step_limits); None: the stage's defaults.
+    max_seqs: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
+    max_context_tokens: Annotated[int, Field(ge=1, le=_MAX_INT)] | None = None
 
     @field_validator("next_hop")
     @classmethod

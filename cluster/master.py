@@ -17,15 +17,17 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 
+from inference.admission import AdmissionLimits
 from inference.async_engine import AsyncEngine
 from inference.config import EngineConfig, LayerRange
 from inference.errors import InferenceError, StageFailure
 
 from .control import ControlServer
+from .control_guard import exposure_error
 from .manager import ClusterManager
 from .registry import NodeRegistry
 from .ring import ResultServer
@@ -43,14 +45,18 @@ class MasterConfig:
     port: int = 7860
     api_key: str | None = None
     join_token: str | None = None
+    insecure: bool = False  # allow a non-loopback host without a join token (app.py warns loudly)
     workers: int | None = None  # wait for N workers and hold no layers; None: serve alone
     grpc_port: int = 0
     advertise_host: str | None = None
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0
     ui: bool = True
+    limits: AdmissionLimits = field(default_factory=AdmissionLimits)  # admission control, queue waits
 
     def __post_init__(self) -> None:
+        if reason := exposure_error(self.host, self.join_token, self.insecure):
+            raise ValueError(reason)
         if self.workers is not None and self.workers < 1:
             raise ValueError("--workers must be >= 1")
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
@@ -89,7 +95,7 @@ class Master:
             model_name=cfg.name,
             on_change=lambda node_id, event: self._poke(),
         )
-        self.engine = AsyncEngine(None, cfg.name, on_stage_failure=self._on_stage_failure)
+        self.engine = AsyncEngine(None, cfg.name, on_stage_failure=self._on_stage_failure, limits=cfg.limits)
         self.results = ResultServer()
         self.manager: ClusterManager | None = None
         self.failure: str | None = None

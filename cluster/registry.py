@@ -58,11 +58,18 @@ class NodeInfo:
 
 
 class NodeRegistry:
-    """NodeInfo by node_id. Invariant: every stored NodeInfo's node_id equals its key.
+    """NodeInfo by node_id. Invariants: every stored NodeInfo's node_id equals its key; at
+    most `max_departed` nodes are LOST (a node that goes LOST past that bound evicts the
+    departed one seen longest ago), so workers that come and go cannot grow the status page
+    without bound. `prune(now)` also forgets departed nodes silent for over `departed_ttl`.
     Safe to use from the event loop, the model thread and control handlers at once;
     `snapshot()` hands out copies, so readers never see a half-applied update."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_departed: int = 32, departed_ttl: float = 600.0) -> None:
+        if max_departed < 0 or not departed_ttl >= 0:
+            raise ValueError("need max_departed >= 0 and departed_ttl >= 0")
+        self.max_departed = max_departed
+        self.departed_ttl = departed_ttl
         self._nodes: dict[str, NodeInfo] = {}
         self._lock = threading.Lock()
 
@@ -70,6 +77,7 @@ class NodeRegistry:
         """Insert or replace a node (a worker that reconnects re-adds itself)."""
         with self._lock:
             self._nodes[node.node_id] = replace(node)
+            self._bound_departed()
 
     def update(self, node_id: str, **changes) -> NodeInfo:
         """Change some fields of a known node; raises KeyError for an unknown id.
@@ -79,7 +87,30 @@ class NodeRegistry:
             if node.node_id != node_id:
                 raise ValueError("node_id cannot change; add a new node instead")
             self._nodes[node_id] = node
+            if node.state is NodeState.LOST:
+                self._bound_departed()
             return replace(node)
+
+    def prune(self, now: float) -> list[str]:
+        """Forget LOST nodes whose last sign of life is over `departed_ttl` before `now`
+        (time.monotonic()); returns their ids."""
+        with self._lock:
+            old = [
+                k
+                for k, n in self._nodes.items()
+                if n.state is NodeState.LOST and now - n.last_heartbeat > self.departed_ttl
+            ]
+            for k in old:
+                del self._nodes[k]
+            return old
+
+    def _bound_departed(self) -> None:
+        # Caller holds the lock. Departed rows are history: keep the most recent ones.
+        lost = [n for n in self._nodes.values() if n.state is NodeState.LOST]
+        if len(lost) > self.max_departed:
+            lost.sort(key=lambda n: n.last_heartbeat)
+            for n in lost[: len(lost) - self.max_departed]:
+                del self._nodes[n.node_id]
 
     def get(self, node_id: str) -> NodeInfo | None:
         with self._lock:

@@ -9,42 +9,49 @@ stage forwards its output to `next_hop` without waiting for it and answers upstr
 a bare ack; the last stage sends its output to `reply_to`, and a stage that fails a step
 (or whose next hop dies holding it) reports that there too.
 
-    python -m cluster.stage_server --model smollm2 --layers 0 15 --num-blocks 512 --port 50051 [--tp N]
+Only the plan's members speak to a stage: a Steps stream must carry the plan's steps token
+(cluster.data_auth), checked before any message is read, and every step is checked against
+the plan's limits (hidden width, context, KV pool, batch budget) before anything is
+allocated for it; a refused step is an error for that step alone.
+
+    RINGLLM_SECRET=... python -m cluster.stage_server --model smollm2 --layers 0 15 --port 50051 [--tp N]
 runs one stage by hand (the worker process does the same when the master assigns it), for
-a driver with its own result endpoint (cluster.ring); with --tp the stage's layers are
-split over N ranks on this machine (inference.tp_runner)."""
+a driver with its own result endpoint (cluster.ring) and the same secret; with --tp the
+stage's layers are split over N ranks on this machine (inference.tp_runner)."""
 
 from __future__ import annotations
 
-import argparse
+import functools
 import logging
 import sys
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 
-from inference import cli
-from inference.config import LayerRange
-from inference.loader import DTYPES, LoadedModel, load_model
+from inference.config import EngineConfig
+from inference.loader import DTYPES, LoadedModel
 from inference.model_runner import ModelRunner
 from inference.runner import Runner, StepInputs
 from proto import stage_pb2, stage_pb2_grpc
 
 from .control_messages import check_host_port
+from .data_auth import AUTH_HEADER, RefusalLog, StageKeys, header
 from .stage_stream import GRPC_OPTIONS, MAX_STEP_BYTES, StreamSender
+from .step_limits import StepLimits
 from .tensor_wire import WireError, decode_step, to_proto
 
 log = logging.getLogger(__name__)
 
 MAX_REPLY_ADDRESSES = 4  # masters a stage keeps result streams open to (normally one)
+DEFAULTS = EngineConfig()  # a hand-run stage's batch budget defaults to the master's
 
 
 @dataclass(slots=True)
 class Stage:
-    """The layers a worker currently serves, with the KV pool the master sized for them."""
+    """The layers a worker currently serves, with the KV pool the master sized for them, the
+    plan's data-plane keys and the limits every step is checked against."""
 
     loaded: LoadedModel
     runner: Runner  # a ModelRunner, or a TPRunner over a tensor-parallel group
@@ -52,12 +59,15 @@ class Stage:
     block_size: int
     dtype: str
     next_hop: StreamSender | None  # None on the last stage, which answers the master
+    keys: StageKeys
+    limits: StepLimits
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
     """Invariant: steps of one stream run in arrival order, one at a time per stage (the
-    model and its KV cache are not thread-safe), and every request gets one answer. A
-    worker's servicer starts empty and gets its layers with `install` when assigned."""
+    model and its KV cache are not thread-safe), and every request of an admitted stream
+    gets one answer. A worker's servicer starts empty and gets its layers (and its plan's
+    keys) with `install` when assigned; until then every Steps stream is refused."""
 
     def __init__(self, node_id: str, device: str = "cpu"):
         self.node_id = node_id
@@ -66,7 +76,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self._lock = threading.Lock()
         self.steps_done = 0
         self.in_flight = 0
-        self._replies: dict[str, StreamSender] = {}  # reply_to address -> result stream
+        self.refused = 0  # Steps streams refused for bad credentials (tests read it)
+        self._warn = RefusalLog(log)
+        self._replies: dict[tuple[str, StageKeys], StreamSender] = {}  # (reply_to, keys) -> result stream
         self._replies_lock = threading.Lock()  # not _lock: a reader thread must not wait out a step
 
     def install(
@@ -77,33 +89,41 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         dtype: str,
         next_hop: str | None,
         runner: Runner | None = None,
+        *,
+        keys: StageKeys,
+        limits: StepLimits | None = None,
     ) -> None:
         """`runner`: a ready TPRunner for a tensor-parallel stage (its pool already sized);
-        None builds a local ModelRunner."""
+        None builds a local ModelRunner. `limits`: the plan's step budget (None: the model's
+        and the pool's limits with the default batch sizes)."""
         if runner is None:
             runner = ModelRunner(
                 loaded.model, loaded.config, loaded.layers, num_blocks, block_size, DTYPES[dtype], self.device
             )
+        if limits is None:
+            limits = stage_limits(loaded, num_blocks, block_size)
         stage = Stage(
             loaded,
             runner,
             num_blocks,
             block_size,
             dtype,
-            StreamSender(next_hop, self._next_failed) if next_hop else None,
+            StreamSender(next_hop, functools.partial(self._next_failed, keys), metadata=keys.steps_metadata())
+            if next_hop
+            else None,
+            keys,
+            limits,
         )
         with self._lock:
             old, self.stage = self.stage, stage
         self._release(old, keep=runner)
+        self._close_replies(keep=keys)
 
     def drop(self) -> None:
         with self._lock:
             old, self.stage = self.stage, None
         self._release(old)
-        with self._replies_lock:
-            replies, self._replies = self._replies, {}
-        for sender in replies.values():
-            sender.close()
+        self._close_replies(keep=None)
 
     @staticmethod
     def _release(old: Stage | None, keep: Runner | None = None) -> None:
@@ -114,13 +134,23 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         if old.runner is not keep:
             old.runner.close()  # a TP group stops its ranks
 
-    def _reply_stream(self, address: str) -> StreamSender:
+    def _close_replies(self, keep: StageKeys | None) -> None:
+        """Close the result streams opened with another plan's keys (they would be refused)."""
         with self._replies_lock:
-            sender = self._replies.get(address)
+            stale = [k for k in self._replies if k[1] != keep]
+            senders = [self._replies.pop(k) for k in stale]
+        for sender in senders:
+            sender.close()
+
+    def _reply_stream(self, keys: StageKeys, address: str) -> StreamSender:
+        with self._replies_lock:
+            sender = self._replies.get((address, keys))
             if sender is None:
                 if len(self._replies) >= MAX_REPLY_ADDRESSES:  # drop the oldest master
                     self._replies.pop(next(iter(self._replies))).close()
-                sender = self._replies[address] = StreamSender(address, self._reply_failed, kind="results")
+                sender = self._replies[(address, keys)] = StreamSender(
+                    address, self._reply_failed, kind="results", metadata=keys.results_metadata(self.node_id)
+                )
             return sender
 
     @staticmethod
@@ -129,21 +159,22 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         # longer waits for this step (an error it already heard about from an ack: routine).
         log.log(logging.WARNING if broken else logging.DEBUG, "master result endpoint: step %d: %s", step_id, message)
 
-    def _next_failed(self, step_id: int, reply_to: str, message: str, broken: bool) -> None:
+    def _next_failed(self, keys: StageKeys, step_id: int, reply_to: str, message: str, broken: bool) -> None:
         # An error ack means the next stage already reported to the master itself; a broken
         # stream means it may be dead, so this stage reports for it.
         if broken:
-            self._reply_stream(reply_to).send(
+            self._reply_stream(keys, reply_to).send(
                 stage_pb2.StepResponse(step_id=step_id, error=f"{self.node_id}: next stage {message}")
             )
 
-    def _fail(self, req: stage_pb2.StepRequest, error: str) -> stage_pb2.StepResponse:
-        self._reply_stream(req.reply_to).send(
+    def _fail(self, stage: Stage, req: stage_pb2.StepRequest, error: str) -> stage_pb2.StepResponse:
+        self._reply_stream(stage.keys, req.reply_to).send(
             stage_pb2.StepResponse(step_id=req.step_id, error=f"{self.node_id}: {error}")
         )
         return stage_pb2.StepResponse(step_id=req.step_id, error=error)
 
-    def run_step(self, req: stage_pb2.StepRequest) -> stage_pb2.StepResponse:
+    def run_step(self, req: stage_pb2.StepRequest, stage: Stage) -> stage_pb2.StepResponse:
+        """Run one step of an admitted stream on `stage` (the one its credentials are for)."""
         if req.ping:  # per-hop overhead probe: answer at once, run nothing
             return stage_pb2.StepResponse(step_id=req.step_id)
         try:
@@ -151,16 +182,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         except ValueError as e:  # every step names the master's result endpoint
             log.warning("rejected step %d: reply_to %.40r %s", req.step_id, req.reply_to, e)
             return stage_pb2.StepResponse(step_id=req.step_id, error=f"malformed step: reply_to {e}")
-        stage = self.stage
-        if stage is None:
-            return self._fail(req, "this worker holds no layers")
         try:
-            step = decode_step(req, MAX_STEP_BYTES, self.device, stage.num_blocks, stage.loaded.config.max_position)
-            if step.block_size != stage.block_size:
-                raise WireError(f"block size {step.block_size}, this stage uses {stage.block_size}")
+            step = decode_step(req, MAX_STEP_BYTES, self.device, limits=stage.limits)
         except WireError as e:
             log.warning("rejected step %d: %s", req.step_id, e)
-            return self._fail(req, f"malformed step: {e}")
+            return self._fail(stage, req, f"malformed step: {e}")
         inputs = StepInputs(
             order=[],
             token_ids=step.positions,
@@ -178,7 +204,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             self.steps_done += 1
         # Hand the output on and acknowledge: the answer never comes back through here.
         if stage.next_hop is None:
-            self._reply_stream(req.reply_to).send(
+            self._reply_stream(stage.keys, req.reply_to).send(
                 stage_pb2.StepResponse(step_id=req.step_id, hidden=to_proto(hidden.cpu()))
             )
         else:
@@ -186,9 +212,23 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             stage.next_hop.send(req)
         return stage_pb2.StepResponse(step_id=req.step_id)
 
+    def _admitted(self, token: str) -> Stage | None:
+        stage = self.stage
+        return stage if stage is not None and stage.keys.admits_steps(token) else None
+
     def Steps(self, request_iterator, context):
+        token = header(context.invocation_metadata(), AUTH_HEADER)
+        if self._admitted(token) is None:  # before reading any message
+            self.refused += 1
+            why = "no valid credentials for this stage's plan" if self.stage else "this stage serves no plan"
+            self._warn("refused a Steps stream from %s: %s", context.peer(), why)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         for req in request_iterator:
-            yield self.run_step(req)
+            stage = self._admitted(token)  # a re-plan brings new keys: old streams end here
+            if stage is None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "the plan changed; this stream's credentials expired")
+                return  # abort raises; this is for the type checker
+            yield self.run_step(req, stage)
 
     def Health(self, request, context):
         stage = self.stage
@@ -203,6 +243,26 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         )
 
 
+def stage_limits(
+    loaded: LoadedModel,
+    num_blocks: int,
+    block_size: int,
+    max_seqs: int | None = None,
+    max_tokens: int | None = None,
+    max_context_tokens: int | None = None,
+) -> StepLimits:
+    """What a stage of `loaded` with this KV pool accepts per step (batch sizes default to the master's)."""
+    return StepLimits.for_pool(
+        loaded.config.hidden_size,
+        loaded.config.max_position,
+        num_blocks,
+        block_size,
+        max_seqs or DEFAULTS.max_batch,
+        max_tokens or DEFAULTS.max_batch_tokens,
+        max_context_tokens,
+    )
+
+
 def serve(servicer: StageServicer, host: str, port: int) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
     stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
@@ -213,80 +273,10 @@ def serve(servicer: StageServicer, host: str, port: int) -> tuple[grpc.Server, i
     return server, bound
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cluster.stage_server",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    cli.add_model_source(p)
-    p.add_argument(
-        "--layers",
-        type=int,
-        nargs=2,
-        required=True,
-        metavar=("START", "END"),
-        help="decoder layers [START, END) to run",
-    )
-    p.add_argument("--num-blocks", type=cli.positive_int, default=512, help="KV blocks (must equal the master's pool)")
-    p.add_argument(
-        "--block-size", type=cli.positive_int, default=16, help="tokens per KV block (must equal the master's)"
-    )
-    cli.add_compute(p)
-    cli.add_quant(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    p.add_argument(
-        "--port", type=cli.port_number, default=0, help="gRPC port (0 = any free; the bound port is printed)"
-    )
-    p.add_argument("--next-hop", default=None, help="host:port of the next stage (omit on the last stage)")
-    p.add_argument("--node-id", default=None, help="name in logs and error reports (default: stage-START-END)")
-    cli.add_tp(p)
-    cli.add_log_level(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cli.setup_logging(args.log_level)
-    from inference.errors import InferenceError
-    from inference.loader import read_config
-    from inference.model_source import resolve_model
+    from .stage_cli import main as run
 
-    try:
-        n = read_config(resolve_model(args.model)).num_layers
-        rng = LayerRange(args.layers[0], args.layers[1], n, embed=False, head=False)
-        runner = None
-        if args.tp != 1:
-            from inference.tp_runner import start_tp
-
-            runner = start_tp(
-                args.model,
-                args.dtype,
-                args.device,
-                rng,
-                args.num_blocks,
-                args.block_size,
-                args.tp,
-                args.host,
-                args.attn,
-                args.quant,
-            )
-            loaded = runner.loaded
-        else:
-            loaded = load_model(args.model, args.dtype, args.device, layers=rng, attn=args.attn, quant=args.quant)
-        servicer = StageServicer(args.node_id or f"stage-{rng.start}-{rng.end}", args.device)
-        servicer.install(loaded, args.num_blocks, args.block_size, args.dtype, args.next_hop, runner)
-        server, port = serve(servicer, args.host, args.port)
-    except (InferenceError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"stage [{rng.start}, {rng.end}) listening on {args.host}:{port}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.stop(grace=1)
-    return 0
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -42,11 +42,11 @@ _CLOSED = object()
 OnError = Callable[[int, str, str, bool], None]
 
 
-def _steps(channel: grpc.Channel) -> Callable[[Iterator], Iterator]:
+def _steps(channel: grpc.Channel) -> Callable[..., Iterator]:
     return stage_pb2_grpc.StageStub(channel).Steps
 
 
-def _results(channel: grpc.Channel) -> Callable[[Iterator], Iterator]:
+def _results(channel: grpc.Channel) -> Callable[..., Iterator]:
     return stage_pb2_grpc.MasterStub(channel).Results
 
 
@@ -56,11 +56,14 @@ class StreamSender:
     stream fails, each pending step is reported once through `on_error` and the next
     `send()` opens a fresh stream. Thread-safe."""
 
-    def __init__(self, address: str, on_error: OnError, kind: str = "steps"):
+    def __init__(self, address: str, on_error: OnError, kind: str = "steps", metadata: Sequence[tuple[str, str]] = ()):
+        """`metadata` goes with every stream this sender opens (the data plane's credentials,
+        see cluster.data_auth): once per stream, never per message."""
         if kind not in ("steps", "results"):
             raise ValueError(f"unknown stream kind {kind!r}")
         self.address = address
         self.on_error = on_error
+        self._metadata = tuple(metadata)
         self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._call = (_steps if kind == "steps" else _results)(self._channel)
         self._lock = threading.Lock()
@@ -74,7 +77,7 @@ class StreamSender:
         with self._lock:
             if self._requests is None:
                 requests: queue.Queue = queue.Queue()
-                self._stream = self._call(iter(requests.get, _CLOSED))
+                self._stream = self._call(iter(requests.get, _CLOSED), metadata=self._metadata)
                 self._requests = requests
                 threading.Thread(
                     target=self._read, args=(self._stream, requests), name=f"ring-reader-{self.address}", daemon=True

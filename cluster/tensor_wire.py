@@ -13,11 +13,15 @@ import sys
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from inference.layers.attention import AttentionMetadata, build_metadata
 from proto import stage_pb2
+
+if TYPE_CHECKING:
+    from .step_limits import StepLimits
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -29,6 +33,7 @@ DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 COMPRESSIONS = ("", "zlib")
 MAX_DIMS = 8  # no tensor we send has more; a longer shape is malformed, not ambitious
+MAX_POSITION_AXES = 4  # multi-axis rotary (Qwen2-VL's M-RoPE) uses 3 rows of positions
 _INDEX_DTYPES = (torch.int64,)  # index_copy_ and cache gathers need int64 indices
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # numpy has no bfloat16: byte swapping works on a same-width integer view instead.
@@ -254,12 +259,18 @@ def decode_step(
     device: str | torch.device = "cpu",
     num_blocks: int | None = None,
     max_position: int | None = None,
+    limits: StepLimits | None = None,
 ) -> WireStep:
     """Unpack and validate a step; `max_bytes` bounds all its tensors together. Pass the
-    stage's `num_blocks` (and rotary `max_position`) to bounds-check indices before they
-    reach a device. Tensors are validated on CPU, then moved to `device`."""
+    stage's `limits` (or at least `num_blocks` and rotary `max_position`) to check the
+    step's width and budget before decoding and bounds-check indices before they reach a
+    device. Tensors are validated on CPU, then moved to `device`."""
     if msg.ping:
         raise WireError("a ping carries no step")
+    if limits is not None:
+        limits.check_header(msg)
+        max_bytes = min(max_bytes, limits.max_bytes())
+        num_blocks, max_position = limits.num_blocks, limits.max_position
     budget = max_bytes
     tensors = {}
     for name in ("hidden", "positions", "slot_mapping", "block_tables"):

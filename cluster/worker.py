@@ -22,12 +22,14 @@ import torch
 from inference import cli
 from inference.config import LayerRange
 from inference.errors import InferenceError
-from inference.loader import load_model
+from inference.loader import LoadedModel, load_model
 from inference.tp_runner import start_tp
 
-from .control_client import ControlClient
+from .control_client import ControlClient, control_url
 from .control_messages import Assign, Failed, Ready
-from .stage_server import StageServicer, serve
+from .data_auth import unwrap_keys
+from .stage_server import StageServicer, serve, stage_limits
+from .step_limits import StepLimits
 
 log = logging.getLogger("worker")
 
@@ -126,6 +128,17 @@ class Worker:
         weights = ("model", "start", "end", "num_layers", "dtype", "quant")
         t = time.perf_counter()
         try:
+            keys = unwrap_keys(
+                a.steps_key, a.result_key, a.key_nonce, a.keys_wrapped, self.servicer.node_id, self.args.join_token
+            )
+        except ValueError as e:
+            log.error("refusing plan %d: %s", a.plan_id, e)
+            return Failed(plan_id=a.plan_id, reason=str(e))
+
+        def limits(loaded: LoadedModel) -> StepLimits:  # the plan's budget per step
+            return stage_limits(loaded, a.num_blocks, a.block_size, a.max_seqs, a.max_tokens, a.max_context_tokens)
+
+        try:
             stage = self.servicer.stage
             tp = self.args.tp
             same_pool = self.holding and (self.holding["num_blocks"], self.holding["block_size"]) == (
@@ -141,7 +154,14 @@ class Worker:
                 # Same weights as before (e.g. the master restarted): keep them; only the KV
                 # pool (a TP group keeps its own, hence same_pool) and the next hop are rebuilt.
                 self.servicer.install(
-                    stage.loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop, stage.runner if tp > 1 else None
+                    stage.loaded,
+                    a.num_blocks,
+                    a.block_size,
+                    a.dtype,
+                    a.next_hop,
+                    stage.runner if tp > 1 else None,
+                    keys=keys,
+                    limits=limits(stage.loaded),
                 )
             else:
                 self.servicer.drop()
@@ -163,7 +183,9 @@ class Worker:
                     loaded = runner.loaded
                 else:
                     loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng, quant=a.quant)
-                self.servicer.install(loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop, runner)
+                self.servicer.install(
+                    loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop, runner, keys=keys, limits=limits(loaded)
+                )
                 self.loads += 1
         except (InferenceError, OSError, RuntimeError, ValueError) as e:
             log.error("cannot load layers [%d, %d) of %s: %s", a.start, a.end, a.model, e)
@@ -222,6 +244,12 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for url in args.master:  # checked before anything starts: a bad URL is one line, not a traceback
+        try:
+            control_url(url)
+        except ValueError as e:
+            print(f"error: --master: {e}", file=sys.stderr)
+            return 2
     cli.setup_logging(args.log_level)
     try:
         return asyncio.run(run(args))

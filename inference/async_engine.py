@@ -1,26 +1,44 @@
-"""AsyncEngine: async streams of text deltas over the synchronous Engine.
+"""AsyncEngine: async streams of token outputs over the synchronous Engine.
 
-The model loop runs in its own thread and sleeps on a `threading.Event` when there is
-nothing to do (no busy polling). The event loop hands it requests and aborts through a
-thread-safe inbox; outputs travel back through each request's `asyncio.Queue`.
-Nothing outside this module holds the Engine: `ui/` and `cluster/` use AsyncEngine's methods."""
+The Engine runs in a `ModelLoop` thread; the event loop hands it requests and aborts and
+reads outputs back through each request's `asyncio.Queue`. Nothing outside this module and
+the loop holds the Engine: `ui/` and `cluster/` use AsyncEngine's methods.
+
+Requests pass `Admission` first (per-request limits, a bounded queue). While the engine is
+unavailable (a stage died, the cluster re-plans) requests that have produced nothing yet wait
+for it to come back, up to `AdmissionLimits.unavailable_wait_s`; ones that already streamed
+tokens end with an error, since their KV died with the stage."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import threading
-from collections import deque
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .admission import Admission, AdmissionLimits, QueueFull, RequestTooLarge
 from .config import SamplingParams
 from .engine import Engine, RequestOutput
-from .errors import InferenceError, InvalidParameter, StageFailure
+from .errors import StageFailure
+from .model_loop import Availability, EngineDead, EngineNotReady, EngineUnavailable, ModelLoop, Pending
 from .runner import Runner
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "AsyncEngine",
+    "EngineDead",
+    "EngineNotReady",
+    "EngineStats",
+    "EngineUnavailable",
+    "ModelInfo",
+    "QueueFull",
+    "RequestStream",
+    "RequestTooLarge",
+]
 
 
 @dataclass(slots=True)
@@ -38,14 +56,6 @@ class EngineStats:
     ready: bool
 
 
-class EngineDead(InferenceError):
-    """The model loop stopped on an unexpected error; requests fail until restart."""
-
-
-class EngineNotReady(InferenceError):
-    """The model is still loading (or waiting for its workers)."""
-
-
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What the status page, the chat page and the master's node row show about the loaded
@@ -60,88 +70,119 @@ class ModelInfo:
     quant: str  # how this process holds its weights: "none", "int8" or "int4"
 
 
-@dataclass(slots=True)
-class _Pending:
-    prompt: list[int]
-    params: SamplingParams
-    queue: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    seq_id: int | None = None  # set by the model thread once added
+class RequestStream:
+    """The outputs of one submitted engine request, as an async iterator; the last one has
+    `finished` set. `close()` (or `aclose()`) before the end aborts the request and frees
+    its KV blocks; it works even if the stream was never iterated.
+
+    Invariant: the request counts in the engine's admission until the stream ends (its last
+    output or an error was taken, or it was closed), exactly once."""
+
+    def __init__(self, admission: Admission, loop: ModelLoop, req: Pending):
+        self._admission = admission
+        self._loop = loop
+        self._req = req
+        self._ended = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._req.queue.get()
+        if isinstance(item, BaseException):
+            self._end(None)
+            raise item
+        if item.finished:
+            self._end(time.monotonic() - self._req.t_submit)
+        return item
+
+    def close(self) -> None:
+        if not self._ended:
+            self._end(None)
+            self._req.closed = True
+            self._loop.post("abort", self._req)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def _end(self, seconds: float | None) -> None:
+        self._ended = True
+        self._admission.release(seconds)
 
 
 class AsyncEngine:
-    """The one door to the model for `ui/` and `cluster/`: requests (`generate`), what they
-    need to build them (`encode`, `encode_chat`, `check_length`, `tokenizer`), what they show
-    (`stats`, `info`), and the cluster's levers (`swap_runner`, `set_unavailable`).
+    """The one door to the model for `ui/` and `cluster/`: requests (`submit`, `generate`),
+    what they need to build them (`encode`, `encode_chat`, `check_length`, `tokenizer`), what
+    they show (`stats`, `info`), and the cluster's levers (`swap_runner`, `set_unavailable`).
 
-    Invariants: only the model thread touches the Engine's mutable state (scheduler, KV,
-    runner) after `start()`; the other methods read what never changes once attached (the
-    tokenizer, the config, the context length). Availability changes only under `_lock`."""
+    Invariants: only the model thread touches the Engine's mutable state after `start()`;
+    the other methods read what never changes once attached (the tokenizer, the config, the
+    context length). Availability lives in one `Availability`, under its lock."""
 
     def __init__(
-        self, engine: Engine | None, model_name: str, on_stage_failure: Callable[[StageFailure], None] | None = None
+        self,
+        engine: Engine | None,
+        model_name: str,
+        on_stage_failure: Callable[[StageFailure], None] | None = None,
+        limits: AdmissionLimits | None = None,
     ):
         """`engine` may be None while the model loads; `attach` it later. The HTTP server
         is up meanwhile, answering 503 until then. `on_stage_failure(e)` is called from the
-        model thread after a broken pipeline failed its requests (the cluster re-plans)."""
+        model thread after a broken pipeline failed its requests (the cluster re-plans).
+        `limits`: admission control (default: `AdmissionLimits()`)."""
         self._engine = engine
         self.model_name = model_name
         self._on_stage_failure = on_stage_failure
-        self._inbox: deque[tuple[str, _Pending]] = deque()
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        self._streams: dict[int, _Pending] = {}  # model thread only
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()  # guards _unavailable and _swap (event loop <-> model thread)
-        # Set while the pipeline is broken (a stage died) or has no workers: requests get 503
-        # until a new runner is swapped in.
-        self._unavailable: str | None = None
-        self._swap: Runner | None = None  # a runner waiting to replace the engine's at an idle moment
-        self._finished = 0
-        self._generated_tokens = 0
+        self.admission = Admission(limits or AdmissionLimits())
+        self._availability = Availability()
+        self._loop: ModelLoop | None = None
+        self._groups = itertools.count()
 
     # -- lifecycle ------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
         """Serve with `engine` from now on (its runner is ready); clears `unavailable`."""
-        with self._lock:
-            self._engine, self._unavailable = engine, None
+        self._engine = engine
+        self._availability.set_unavailable(None)
         self.start()
+        if self._loop is not None:
+            self._loop.wake()
 
     @property
     def attached(self) -> bool:
         return self._engine is not None
 
     @property
+    def accepting(self) -> bool:
+        """Whether requests are taken (they may still wait for an unavailable engine)."""
+        return self._engine is not None and self._loop is not None and not self._loop.stopping
+
+    @property
     def ready(self) -> bool:
-        with self._lock:
-            return (
-                self._engine is not None
-                and self._thread is not None
-                and self._error is None
-                and self._unavailable is None
-            )
+        return self.accepting and self._availability.reason is None
 
     @property
     def unavailable(self) -> str | None:
-        """Why requests are refused while a model is attached, or None."""
-        with self._lock:
-            return self._unavailable
+        """Why requests wait while a model is attached, or None."""
+        return self._availability.reason
 
     def set_unavailable(self, reason: str) -> None:
-        """Refuse new requests with `reason` until the next `swap_runner` or `attach`."""
-        with self._lock:
-            self._unavailable = reason
+        """Hold new and queued requests (they fail with `reason` after the wait bound)
+        until the next `swap_runner` or `attach`."""
+        self._availability.set_unavailable(reason)
+        if self._loop is not None:
+            self._loop.wake()
 
     def swap_runner(self, runner: Runner) -> None:
-        """Replace the engine's runner (local model <-> pipeline) once no request is in
-        flight; requests that arrive meanwhile wait for it. Clears `unavailable` when it is
+        """Replace the engine's runner (local model <-> pipeline) once no sequence runs;
+        requests that arrive meanwhile wait for it. Clears `unavailable` when it is
         installed. The runner it replaces, or a waiting one it supersedes, is closed."""
-        with self._lock:
-            superseded, self._swap = self._swap, runner
+        superseded = self._availability.offer(runner)
         if superseded is not None and superseded is not runner:
             self._retire(superseded)
-        self._wake.set()
+        if self._loop is not None:
+            self._loop.wake()
 
     def _retire(self, runner: Runner) -> None:
         if self._engine is not None and runner is self._engine.runner:
@@ -152,16 +193,19 @@ class AsyncEngine:
             log.exception("closing a replaced runner failed")
 
     def start(self) -> None:
-        if self._engine is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="model-loop", daemon=True)
-            self._thread.start()
+        if self._engine is not None and self._loop is None:
+            self._loop = ModelLoop(
+                self._engine,
+                self._availability,
+                self.admission.limits.unavailable_wait_s,
+                self._retire,
+                self._on_stage_failure,
+            )
+            self._loop.start()
 
     async def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
-            self._thread = None
+        if self._loop is not None:
+            await asyncio.to_thread(self._loop.stop, 10)
 
     # -- what callers need to build requests (immutable once attached) ------------------------
     def _loaded(self) -> Engine:
@@ -205,36 +249,42 @@ class AsyncEngine:
         )
 
     # -- requests ---------------------------------------------------------------------------
+    def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+        """Queue the choices of one client request together (call it on the event loop):
+        all are admitted or none. Raises EngineDead, EngineNotReady (still loading),
+        InvalidParameter (a prompt), RequestTooLarge or QueueFull (admission)."""
+        loop = self._loop
+        if loop is not None and loop.error is not None:
+            raise EngineDead(f"the model loop stopped: {loop.error}")
+        if loop is not None and loop.stopping:
+            raise EngineDead("the server is shutting down")
+        if loop is None or self._engine is None:
+            raise EngineNotReady(f"model {self.model_name} is still loading")
+        engine = self._engine
+        for ids, params in requests:
+            engine.validate_prompt(ids, params.max_tokens)
+        self.admission.check([(len(ids), params.max_tokens) for ids, params in requests])
+        self.admission.admit(len(requests), engine.cfg.max_batch)
+        group, now, event_loop = next(self._groups), time.monotonic(), asyncio.get_running_loop()
+        streams = []
+        for ids, params in requests:
+            req = Pending(list(ids), params, asyncio.Queue(), event_loop, group, now)
+            streams.append(RequestStream(self.admission, loop, req))
+            loop.post("add", req)
+        return streams
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; the last one has `finished` set. Leaving the
         iteration early (break, aclose, cancellation) aborts the request."""
-        if self._error is not None:
-            raise EngineDead(f"the model loop stopped: {self._error}")
-        if not self.ready:
-            raise EngineNotReady(self.unavailable or f"model {self.model_name} is still loading")
-        self._loaded().validate_prompt(prompt_token_ids, params.max_tokens)
-        req = _Pending(list(prompt_token_ids), params, asyncio.Queue(), asyncio.get_running_loop())
-        self._post("add", req)
-        done = False
+        stream = self.submit([(prompt_token_ids, params)])[0]
         try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                done = item.finished
-                yield item
-                if done:
-                    return
+            async for out in stream:
+                yield out
         finally:
-            if not done:
-                self._post("abort", req)
-
-    def _post(self, kind: str, req: _Pending) -> None:
-        self._inbox.append((kind, req))
-        self._wake.set()
+            stream.close()
 
     def stats(self) -> EngineStats:
-        e = self._engine
+        e, loop = self._engine, self._loop
         if e is None:
             return EngineStats(self.model_name, 0, 0, 0, 0, 0, 0, 0, 0, 0, ready=False)
         # Plain int reads of state the model thread owns: a status snapshot may be one step old.
@@ -246,91 +296,8 @@ class AsyncEngine:
             kv_blocks_free=e.kv.num_free_blocks,
             kv_blocks_total=e.kv.pool.num_blocks,
             aborted=e.num_aborted,
-            finished=self._finished,
-            generated_tokens=self._generated_tokens,
+            finished=loop.finished if loop else 0,
+            generated_tokens=loop.generated_tokens if loop else 0,
             max_model_len=e.max_model_len,
             ready=self.ready,
         )
-
-    # -- model thread ------------------------------------------------------------------------
-    def _deliver(self, req: _Pending, item) -> None:
-        req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
-
-    def _drain_inbox(self, engine: Engine) -> None:
-        for _ in range(len(self._inbox)):
-            kind, req = self._inbox.popleft()
-            if kind == "add" and self._swap is not None:
-                self._inbox.append((kind, req))  # admitted after the swap
-                continue
-            if kind == "add":
-                try:
-                    req.seq_id = engine.add_request(req.prompt, req.params)
-                    self._streams[req.seq_id] = req
-                except InferenceError as e:
-                    self._deliver(req, e)
-                except Exception as e:  # one bad request must not stop the loop for everyone
-                    log.exception("request rejected by the engine")
-                    self._deliver(req, InvalidParameter("request", f"the engine rejected it: {e}"))
-            elif req.seq_id is not None and self._streams.pop(req.seq_id, None) is not None:
-                engine.abort(req.seq_id)
-
-    def _fail_in_flight(self, engine: Engine, e: StageFailure) -> None:
-        """A stage died mid-step: end every request with an error now, free its blocks."""
-        log.error("pipeline step failed: %s; failing %d requests", e, len(self._streams))
-        self.set_unavailable(f"a pipeline stage failed ({e}); waiting for the cluster to recover")
-        for seq_id, req in list(self._streams.items()):
-            engine.abort(seq_id)
-            self._deliver(req, StageFailure(str(e)))
-        self._streams.clear()
-        for seq in list(engine.scheduler.waiting):  # queued ones never reached a stage
-            engine.abort(seq.seq_id)
-        if self._on_stage_failure is not None:
-            try:
-                self._on_stage_failure(e)
-            except Exception:
-                log.exception("on_stage_failure failed")
-
-    def _install_swap(self, engine: Engine) -> None:
-        # Called only when idle: the pool is empty, so no stale KV survives the swap.
-        with self._lock:
-            runner, self._swap = self._swap, None
-            self._unavailable = None
-        assert runner is not None  # only the model thread takes a waiting runner
-        old, engine.runner = engine.runner, runner
-        self._retire(old)
-        log.info("engine runner swapped: %s", type(runner).__name__)
-
-    def _run(self) -> None:
-        engine = self._engine
-        assert engine is not None  # start() runs the loop only once an engine is attached
-        try:
-            while not self._stop:
-                self._drain_inbox(engine)
-                if self._swap is not None and not engine.has_work:
-                    self._install_swap(engine)
-                    continue
-                if not engine.has_work:
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                try:
-                    outputs = engine.step()
-                except StageFailure as e:
-                    self._fail_in_flight(engine, e)
-                    continue
-                for out in outputs:
-                    req = self._streams.get(out.seq_id)
-                    self._generated_tokens += len(out.token_ids)
-                    if out.finished:
-                        self._streams.pop(out.seq_id, None)
-                        self._finished += 1
-                    if req is not None:
-                        self._deliver(req, out)
-        except BaseException as e:  # keep serving errors, not hangs, to every waiting client
-            log.exception("model loop crashed")
-            self._error = e
-        # Nobody may wait forever: fail what is still in flight (crash or shutdown).
-        why = f"the model loop stopped: {self._error}" if self._error else "the server is shutting down"
-        for req in list(self._streams.values()) + [r for _, r in self._inbox]:
-            self._deliver(req, EngineDead(why))
-        self._streams.clear()

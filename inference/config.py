@@ -124,6 +124,9 @@ class EngineConfig:
     block_size: int = 16
     max_batch: int = 32
     max_batch_tokens: int = 2048
+    # Batch slots the sequences of one request (its n choices) may hold; None: half of
+    # max_batch, so one client's n copies never take every slot.
+    max_seqs_per_request: int | None = None
     max_model_len: int | None = None
     attn: str = "sdpa"
     # Tensor-parallel ranks on this machine. `inference.tp_runner.tp_engine(cfg)` starts
@@ -145,6 +148,8 @@ class EngineConfig:
         for name in ("block_size", "max_batch", "max_batch_tokens", "tp"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(name, "must be >= 1")
+        if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
+            raise InvalidParameter("max_seqs_per_request", "must be >= 1")
 
 
 @dataclass(slots=True)

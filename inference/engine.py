@@ -135,7 +135,7 @@ class Engine:
         self.runner: Runner = runner or ModelRunner(
             self.loaded.model, mcfg, self.loaded.layers, num_blocks, cfg.block_size, dtype, cfg.device
         )
-        self.scheduler = Scheduler(self.kv, cfg.max_batch, cfg.max_batch_tokens)
+        self.scheduler = Scheduler(self.kv, cfg.max_batch, cfg.max_batch_tokens, cfg.max_seqs_per_request)
         self.sampler = Sampler()
         self.generation_config = read_generation_config(self.loaded.path)
         self.eos_ids = _eos_ids(self.loaded, self.tokenizer, self.generation_config)
@@ -178,10 +178,12 @@ class Engine:
             raise InvalidParameter("prompt", "token ids must be in the vocabulary")
         self.check_length(len(prompt_token_ids), max_tokens, "prompt")
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, group: int | None = None) -> int:
+        """Queue a sequence; `group` ties the sequences of one client request (its n choices),
+        whose batch slots the scheduler caps."""
         # One token of room is enough here: a request that reaches the context ends with "length".
         self.validate_prompt(prompt_token_ids, 1)
-        seq = Sequence(list(prompt_token_ids), params)
+        seq = Sequence(list(prompt_token_ids), params, group=group)
         eos = frozenset() if params.ignore_eos else self.eos_ids
         req = _Request(
             seq,
@@ -206,8 +208,9 @@ class Engine:
         return self.scheduler.has_work
 
     # -- one step ---------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
+    def step(self, admit: bool = True) -> list[RequestOutput]:
+        """One forward pass; with `admit=False` only the running sequences advance."""
+        out = self.scheduler.schedule(admit)
         outputs = [
             self._final(self._requests.pop(s.seq_id), s.finish_reason or "length")
             for s in out.finished

@@ -10,12 +10,16 @@ Pure Python (no torch, no I/O, no threads); the engine owns the step loop:
 
 The policy follows vLLM v1: one token budget per step shared by decodes and (chunked)
 prefills, running sequences first, then FCFS admission by free KV blocks, and preemption
-by recompute when the pool runs out."""
+by recompute when the pool runs out. Two fairness rules on top, so that one client cannot
+hold the server: the sequences of one request (its `n` choices, its prompts: one `group`)
+hold at most `max_seqs_per_group` batch slots, and while others wait for a slot a prefill
+chunk takes at most half of the step's budget, so a short request queued behind a long
+prompt starts at once instead of after its whole prefill."""
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .errors import CacheFull, InvalidParameter
@@ -76,17 +80,26 @@ class Scheduler:
       `num_computed_tokens == 0`) or `running` (status RUNNING); finished ones are in neither;
     - only running sequences own KV blocks, so freeing every running sequence empties the pool;
     - `len(running) <= max_batch`, and no step schedules more than `max_batch_tokens` tokens;
-    - `running` is ordered by admission, so its tail is the preemption victim.
+    - `running` is ordered by admission, so its tail is the preemption victim;
+    - no group ever holds more than `max_seqs_per_group` running sequences (preemption only
+      removes sequences, admission checks the cap).
     """
 
-    def __init__(self, kv: KVCacheManager, max_batch: int, max_batch_tokens: int):
+    def __init__(
+        self, kv: KVCacheManager, max_batch: int, max_batch_tokens: int, max_seqs_per_group: int | None = None
+    ):
+        """`max_seqs_per_group`: batch slots one request may hold; None means half the batch
+        (at least one), which leaves the other half to later requests."""
         if max_batch < 1:
             raise InvalidParameter("max_batch", "must be >= 1")
         if max_batch_tokens < 1:
             raise InvalidParameter("max_batch_tokens", "must be >= 1")
+        if max_seqs_per_group is not None and max_seqs_per_group < 1:
+            raise InvalidParameter("max_seqs_per_group", "must be >= 1")
         self.kv = kv
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
+        self.max_seqs_per_group = max_seqs_per_group or max(1, max_batch // 2)
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._live: dict[int, Sequence] = {}  # seq_id -> waiting or running sequence
@@ -138,6 +151,13 @@ class Scheduler:
         if seq.seq_id in self._live:
             self._end(seq, reason)
 
+    def requeue_running(self) -> None:
+        """Put every running sequence back at the front of the queue, in admission order,
+        with its blocks freed: the runner lost their KV (a stage died), and they start over
+        (prompt + output, as after a preemption) once a new runner is in place."""
+        while self._running:
+            self._preempt_last()
+
     def _end(self, seq: Sequence, reason: str) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self._running.remove(seq)
@@ -149,14 +169,26 @@ class Scheduler:
         seq.finish_reason = reason
 
     # -- one step ------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        """Decide this step and allocate the KV blocks of every scheduled token."""
+    def schedule(self, admit: bool = True) -> SchedulerOutput:
+        """Decide this step and allocate the KV blocks of every scheduled token. With
+        `admit=False` only running sequences advance (the engine drains them while it
+        cannot serve new ones)."""
         out = SchedulerOutput()
         budget = self.max_batch_tokens
+        held = Counter(s.group for s in self._running if s.group is not None)
+        # Whether a waiting sequence could take a slot this step: then a prefill shares.
+        others_wait = (
+            admit
+            and len(self._running) < self.max_batch
+            and any(s.group is None or held[s.group] < self.max_seqs_per_group for s in self._waiting)
+        )
 
         # Running sequences first, in admission order: a decode takes one token, a sequence
-        # in chunked prefill its next chunk. Victims come off the tail, which this loop has
-        # not reached yet, so a scheduled sequence is never preempted in the same step.
+        # in chunked prefill its next chunk, but never the token of a decode behind it: the
+        # streams keep flowing while a long prompt fills in. Victims come off the tail, which
+        # this loop has not reached yet, so a scheduled sequence is never preempted in the
+        # same step.
+        decodes_left = sum(s.num_uncomputed_tokens == 1 for s in self._running)
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
@@ -164,8 +196,10 @@ class Scheduler:
                 self._end(seq, "length")
                 out.finished.append(seq)
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
-            if n == 0:  # nothing to compute (the engine has not appended a token yet)
+            if seq.num_uncomputed_tokens == 1:
+                decodes_left -= 1
+            n = self._chunk(seq, budget - decodes_left, others_wait)
+            if n <= 0:  # nothing to compute (no token appended yet), or no room left for a chunk
                 i += 1
                 continue
             target = seq.num_computed_tokens + n
@@ -181,25 +215,44 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # Then admit waiting sequences, strictly FCFS: when the head does not fit, nothing
-        # behind it jumps ahead (a long prompt is never starved by a stream of short ones).
         # After a preemption the pool is known to be short, so nothing is admitted.
-        while self._waiting and not out.preempted and budget > 0 and len(self._running) < self.max_batch:
-            seq = self._waiting[0]
+        if admit and not out.preempted:
+            self._admit(out, budget, held)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int, held: Counter[int]) -> None:
+        """Admit waiting sequences FCFS: when one does not fit in the pool, nothing behind it
+        jumps ahead (a long prompt is never starved by a stream of short ones). A sequence
+        whose group holds its share of slots is passed over, not waited for: it starts when
+        one of its siblings finishes, and the requests behind it start now."""
+        for seq in list(self._waiting):
+            if budget <= 0 or len(self._running) >= self.max_batch:
+                return
             if self._exceeds_pool(seq):
                 self._end(seq, "length")
                 out.finished.append(seq)
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            if seq.group is not None and held[seq.group] >= self.max_seqs_per_group:
+                continue
+            n = self._chunk(seq, budget, len(self._waiting) > 1 and len(self._running) + 1 < self.max_batch)
             if not self.kv.can_allocate(seq, n):
-                break
-            self._waiting.popleft()
+                return
+            self._waiting.remove(seq)
             self.kv.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
+            if seq.group is not None:
+                held[seq.group] += 1
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        return out
+
+    def _chunk(self, seq: Sequence, budget: int, others_wait: bool) -> int:
+        """Tokens of `seq` to compute this step. While others could start, a prefill chunk
+        leaves them half of the step (a decode is one token anyway)."""
+        n = min(seq.num_uncomputed_tokens, budget)
+        if n > 1 and others_wait:
+            n = min(n, max(1, self.max_batch_tokens // 2))
+        return n
 
     def postprocess(self, out: SchedulerOutput) -> None:
         """Count this step's tokens as computed. Sequences aborted while the forward pass

@@ -31,6 +31,9 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    # The request it belongs to (the n choices of one API request share it); the scheduler
+    # caps the batch slots one group holds. None: a group of its own.
+    group: int | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

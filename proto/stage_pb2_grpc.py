@@ -26,7 +26,15 @@ if _version_not_supported:
 
 
 class StageStub:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication (cluster/data_auth.py): every Steps and Results stream carries gRPC
+    metadata, once per stream, checked before any message is read (else UNAUTHENTICATED):
+    x-ringllm-auth  an HMAC token of the plan's steps key (Steps) or of the sending
+    stage's own result key (Results)
+    x-ringllm-node  the sending stage's node id (Results only)
+    The keys come from a random secret the master draws per plan and hands each stage in its
+    Assign over the control channel. Health needs none and tells nothing about the plan.
+
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,11 +55,22 @@ class StageStub:
 
 
 class StageServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication (cluster/data_auth.py): every Steps and Results stream carries gRPC
+    metadata, once per stream, checked before any message is read (else UNAUTHENTICATED):
+    x-ringllm-auth  an HMAC token of the plan's steps key (Steps) or of the sending
+    stage's own result key (Results)
+    x-ringllm-node  the sending stage's node id (Results only)
+    The keys come from a random secret the master draws per plan and hands each stage in its
+    Assign over the control channel. Health needs none and tells nothing about the plan.
+
+    """
 
     def Steps(self, request_iterator, context):
         """One persistent bidirectional stream per hop: a request per step, answered in order.
-        Keeping the stream open avoids a per-step RPC set-up on the hot decode path.
+        Keeping the stream open avoids a per-step RPC set-up on the hot decode path. Each step
+        is checked against the plan's limits (hidden width, dtype, context, KV pool, batch
+        budget) before anything is allocated; a refused step is answered (and reported to
+        reply_to) with an error, and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,7 +105,15 @@ def add_StageServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Stage:
-    """Missing associated documentation comment in .proto file."""
+    """Authentication (cluster/data_auth.py): every Steps and Results stream carries gRPC
+    metadata, once per stream, checked before any message is read (else UNAUTHENTICATED):
+    x-ringllm-auth  an HMAC token of the plan's steps key (Steps) or of the sending
+    stage's own result key (Results)
+    x-ringllm-node  the sending stage's node id (Results only)
+    The keys come from a random secret the master draws per plan and hands each stage in its
+    Assign over the control channel. Health needs none and tells nothing about the plan.
+
+    """
 
     @staticmethod
     def Steps(request_iterator,
@@ -167,7 +194,9 @@ class MasterServicer:
     """
 
     def Results(self, request_iterator, context):
-        """One persistent stream per sending stage; each result is acknowledged in order.
+        """One persistent stream per sending stage; each result is acknowledged in order. A
+        result counts only for a step the master sent and awaits, from the plan's last stage,
+        as [T, H] float hidden states of the shape sent; an error from any stage of the plan.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

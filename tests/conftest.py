@@ -7,6 +7,7 @@ a busy 2-core CI machine may be slow, but it must never be wrong."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -64,6 +65,17 @@ def port() -> int:
     return free_port()
 
 
+# The data-plane secret hand-run stages and their test drivers share (see stage_plan).
+STAGE_SECRET = "test-data-plane-secret-0123456789"
+
+
+def stage_plan(*ranges: tuple[int, int], secret: str = STAGE_SECRET):
+    """The credentials a driver of hand-run stages for these layer ranges uses (in ring order)."""
+    from cluster.data_auth import PlanAuth
+
+    return PlanAuth([f"stage-{a}-{b}" for a, b in ranges], secret.encode())
+
+
 def start_stage(
     start: int,
     end: int,
@@ -73,9 +85,11 @@ def start_stage(
     num_blocks: int = 256,
     block_size: int = 16,
     quant: str = "none",
+    secret: str = STAGE_SECRET,
 ) -> tuple[subprocess.Popen, str]:
-    """A hand-run stage server (`python -m cluster.stage_server`) for layers [start, end);
-    returns the process and its gRPC address once it has loaded and bound its port."""
+    """A hand-run stage server (`python -m cluster.stage_server`) for layers [start, end),
+    node id stage-START-END, with `secret` in its environment; returns the process and its
+    gRPC address once it has loaded and bound its port."""
     cmd = [
         sys.executable,
         "-m",
@@ -98,7 +112,8 @@ def start_stage(
     ]
     if next_hop:
         cmd += ["--next-hop", next_hop]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = dict(os.environ, RINGLLM_SECRET=secret)  # not on the command line, where `ps` shows it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()  # blocks until the stage has loaded and bound its port
     if "listening on" not in line:

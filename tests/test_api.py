@@ -1,7 +1,8 @@
 """The OpenAI-compatible API against a live server: `python app.py` in a subprocess on a free
 loopback port, driven by the official `openai` client (and httpx for raw bodies).
 
-Two servers per module, started together: one open, one with --api-key."""
+Two servers per module, started together: one open, one with --api-key and tight admission
+limits (a batch of 4, so one request's choices hold at most 2 slots; 4 may wait)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ MESSAGES = [{"role": "user", "content": "Name three colors."}]
 # Greedy counting goes on and on (no end-of-turn token), so these requests are still
 # running when the client goes away.
 LONG = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 2000, "temperature": 0}
+KEYED_LIMITS = ("--max-batch", "4", "--max-queue", "4", "--max-n", "4", "--max-request-tokens", "3000")
 
 
 @dataclass
@@ -102,7 +104,7 @@ def _stop(server: Server) -> None:
 def servers(tmp_path_factory):
     # Both start at once, so their model loads overlap.
     log_dir = tmp_path_factory.mktemp("servers")
-    started = [_launch(log_dir, "open"), _launch(log_dir, "keyed", "--api-key", API_KEY)]
+    started = [_launch(log_dir, "open"), _launch(log_dir, "keyed", "--api-key", API_KEY, *KEYED_LIMITS)]
     try:
         yield started
     finally:
@@ -438,6 +440,25 @@ ERROR_CASES = [
     ("suffix", "completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "unsupported_parameter"),
     ("prompt-type", "completions", {"prompt": 5}, 400, "prompt", None),
     ("prompt-too-long", "completions", {"prompt": "hello " * 7000, "max_tokens": 1}, 400, "prompt", None),
+    # Lone UTF-16 surrogates (json.dumps writes them as \ud800 escapes): a 400 naming the field.
+    ("surrogate-prompt", "completions", {"prompt": "\ud800"}, 400, "prompt", "invalid_value"),
+    ("surrogate-model", "completions", {"model": "\udc00", "prompt": "x"}, 400, "model", "invalid_value"),
+    (
+        "surrogate-part-type",
+        "chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "\ud800", "text": "x"}]}]},
+        400,
+        "messages[0].content[0].type",
+        "invalid_value",
+    ),
+    (
+        "surrogate-content",
+        "chat/completions",
+        _msgs(messages=[{"role": "user", "content": "a\udfff"}]),
+        400,
+        "messages[0].content",
+        "invalid_value",
+    ),
 ]
 
 
@@ -469,6 +490,23 @@ def test_oversized_body(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def test_wrong_method_and_unknown_path_get_openai_errors(server, client):
+    for method, path, status, code in (
+        ("GET", "chat/completions", 405, "method_not_allowed"),
+        ("GET", "completions", 405, "method_not_allowed"),
+        ("POST", "models", 405, "method_not_allowed"),
+        ("GET", "embeddings", 404, "unknown_url"),
+        ("POST", "assistants/x/runs", 404, "unknown_url"),
+    ):
+        r = httpx.request(method, f"{server.url}/v1/{path}", timeout=10)
+        assert r.status_code == status, (method, path, r.text)
+        assert r.json()["error"]["code"] == code  # not Gradio's {"detail": "Not Found"}
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model=MODEL, input="x")
+    assert e.value.body["code"] == "unknown_url"
+    assert _chat(client, temperature=0, max_tokens=1).usage.completion_tokens == 1  # still serving
+
+
 def test_openai_client_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)
@@ -497,3 +535,102 @@ def test_api_key(keyed_server):
 def test_no_api_key_needed_when_off(server):
     r = httpx.get(f"{server.url}/v1/models", timeout=10)
     assert r.status_code == 200 and r.json()["object"] == "list"
+
+
+# -- admission control (the keyed server: batch 4, 2 slots a request, 4 may wait) ---------------------
+def _keyed_async(server: Server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+BIG = dict(model=MODEL, messages=MESSAGES, n=4, max_tokens=400, temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_a_later_chat_starts_while_a_big_n_request_runs(keyed_server):
+    """The issue's case: n copies with ignore_eos used to take every batch slot, and a later
+    short chat got nothing until they ended. Now the chat completes while all 4 choices of the
+    big request are still unfinished."""
+
+    async def main():
+        aclient = _keyed_async(keyed_server)
+        finished: list[int] = []
+        started = asyncio.Event()
+
+        async def consume(stream) -> None:
+            async for chunk in stream:
+                started.set()
+                finished.extend(c.index for c in chunk.choices if c.finish_reason)
+
+        try:
+            big = await aclient.chat.completions.create(stream=True, **BIG)
+            task = asyncio.create_task(consume(big))
+            await asyncio.wait_for(started.wait(), 120)
+            chat = await aclient.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
+            done_when_chat_ended = list(finished)
+            running = _status(keyed_server)["running"]
+            task.cancel()
+            await big.close()
+            return chat, done_when_chat_ended, running
+        finally:
+            await aclient.close()
+
+    chat, done, running = asyncio.run(main())
+    assert chat.choices[0].message.content and chat.usage.completion_tokens <= 8
+    assert done == []  # none of the big request's 400-token choices had ended
+    assert running == 2  # and two of them were decoding (the other two wait for their slots)
+    _wait_idle(keyed_server)
+
+
+def test_a_full_queue_answers_429_with_retry_after(keyed_server):
+    async def main():
+        aclient = _keyed_async(keyed_server)
+        streams = []
+        try:
+            # 8 choices in flight: 4 hold the batch, 4 wait, which is the limit.
+            for _ in range(2):
+                streams.append(await aclient.chat.completions.create(stream=True, **BIG))
+            with pytest.raises(openai.RateLimitError) as e:
+                await aclient.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+            raw = httpx.post(
+                f"{keyed_server.url}/v1/completions",
+                json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=30,
+            )
+            return e.value, raw
+        finally:
+            for s in streams:
+                await s.close()
+            await aclient.close()
+
+    err, raw = asyncio.run(main())
+    assert err.status_code == 429 and err.body["code"] == "queue_full" and err.body["type"] == "rate_limit_error"
+    assert 1 <= int(err.response.headers["retry-after"]) <= 60
+    assert raw.status_code == 429 and raw.json()["error"]["code"] == "queue_full" and "retry-after" in raw.headers
+    _wait_idle(keyed_server)  # the closed streams were aborted: room again
+    client = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_per_request_limits_answer_429_that_says_do_not_retry(keyed_server):
+    client = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key=API_KEY, max_retries=2, timeout=60)
+    with pytest.raises(openai.RateLimitError) as e:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=5, max_tokens=2)
+    assert e.value.body["code"] == "request_too_large" and e.value.body["param"] == "n"
+    assert e.value.response.headers["x-should-retry"] == "false"  # the client gave up at once
+    with pytest.raises(openai.RateLimitError) as e:  # 4 x (prompt + 1000) tokens > 3000
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=4, max_tokens=1000)
+    assert e.value.body["param"] == "max_tokens" and "3000" in e.value.body["message"]
+    with pytest.raises(openai.RateLimitError):  # prompts x n count on /v1/completions
+        client.completions.create(model=MODEL, prompt=["a", "b", "c"], n=2, max_tokens=1)
+
+
+def test_status_maps_the_cluster_only_for_the_key(keyed_server):
+    anon = httpx.get(f"{keyed_server.url}/api/status", timeout=10).json()
+    full = httpx.get(
+        f"{keyed_server.url}/api/status", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
+    ).json()
+    assert (
+        anon["ready"] is True and anon["model"] == MODEL and anon["nodes"][0]["node_id"] == full["nodes"][0]["node_id"]
+    )
+    assert all("address" not in n for n in anon["nodes"]) and "ring" not in json.dumps(anon)
+    assert full["nodes"][0]["address"] and "ring" in full["cluster"]

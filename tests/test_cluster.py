@@ -153,6 +153,50 @@ def test_wrong_join_token_is_refused(cluster, tmp_path):
     assert "wrong token" in cluster["procs"]["master"].text()
 
 
+def test_a_strangers_data_plane_traffic_is_refused_during_a_chat(cluster, expected):
+    """Issue 12's data-plane attacks on the real processes: forged results and errors sent
+    to the master's result endpoint (for the step ids a counter would have used) and a
+    stranger's step to each worker (it would write KV blocks in use), all while a greedy
+    chat runs: each is refused before it is read, and the chat gives the same text."""
+    import grpc
+
+    from proto import stage_pb2
+
+    from .test_data_plane import refused, step
+
+    base = cluster["base"]
+    s = status(base)
+    results = f"127.0.0.1:{s['cluster']['ring']['port']}"
+    stages = [n["address"] for n in s["nodes"] if n["state"] == "ready"]
+    assert len(stages) == 2
+    codes: list = []
+    stop = False
+
+    def attack() -> None:
+        n = 0
+        while not stop:
+            n += 1
+            for md in ((), (("x-ringllm-auth", "0" * 64), ("x-ringllm-node", "w2"))):
+                forged = stage_pb2.StepResponse(step_id=n, error="forged: the stage died")
+                codes.append(refused(results, "results", md, forged))
+                forged = stage_pb2.StepResponse(step_id=n, hidden=stage_pb2.Tensor(dtype="float32", shape=[1, 7]))
+                codes.append(refused(results, "results", md, forged))
+                for address in stages:
+                    codes.append(refused(address, "steps", md, step(width=576, slots=n % 64, reply_to=results)))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        attacker = pool.submit(attack)
+        try:
+            got = chat(base, QUESTIONS[3])
+        finally:
+            stop = True
+        attacker.result()
+    assert got == expected[3]
+    assert codes and set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+    ring = status(base)["cluster"]["ring"]
+    assert ring["errors"] == 0 and healthy(base)
+
+
 def test_master_restart_adopts_workers_without_reload(cluster, expected):
     base, procs = cluster["base"], cluster["procs"]
     procs["master"].stop()

@@ -5,6 +5,7 @@ ring (`connect`) — so re-planning, adoption and failure paths run in milliseco
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -44,6 +45,8 @@ class FakeWorker:
     state: NodeState = NodeState.JOINING
     closed: bool = False
     master_host: str = "127.0.0.1"
+    gflops: float = 10.0
+    pings: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(rtt_ms=1.0))
 
     @property
     def grpc_address(self) -> str:
@@ -51,7 +54,8 @@ class FakeWorker:
 
     @property
     def capacity(self) -> Capacity:
-        return Capacity(device="cpu", total_bytes=16 * GiB, free_bytes=self.free_bytes, matmul_gflops=10.0)
+        total = max(16 * GiB, self.free_bytes)
+        return Capacity(device="cpu", total_bytes=total, free_bytes=self.free_bytes, matmul_gflops=self.gflops)
 
 
 @dataclass
@@ -60,12 +64,17 @@ class FakeControl:
     assigned: list[Assign] = field(default_factory=list)
     adopted: list[tuple[str, int]] = field(default_factory=list)
     failing: set[str] = field(default_factory=set)  # node ids whose load fails
+    assigned_to: list[str] = field(default_factory=list)  # node ids, in the order of `assigned`
+    on_assign: Callable[[str], None] = lambda node_id: None
+    join_token: str | None = None
 
     def workers(self) -> list[FakeWorker]:
         return list(self.workers_)
 
     async def assign(self, node_id: str, msg: Assign) -> None:
         self.assigned.append(msg)
+        self.assigned_to.append(node_id)
+        self.on_assign(node_id)
 
     async def wait_ready(self, node_id: str, plan_id: int, timeout: float) -> Ready:
         if node_id in self.failing:
@@ -84,6 +93,7 @@ class FakeEngine:
         self.unavailable: str | None = None
         self.busy = False
         self.swaps: list[object] = []
+        self.log: list[str] = []  # availability changes and swaps, in order
 
     @property
     def attached(self) -> bool:
@@ -98,10 +108,12 @@ class FakeEngine:
 
     def set_unavailable(self, reason: str) -> None:
         self.unavailable = reason
+        self.log.append(f"unavailable: {reason}")
 
     def swap_runner(self, runner: object) -> None:
         self.runner, self.unavailable = runner, None
         self.swaps.append(runner)
+        self.log.append("swap")
 
     def attach(self, engine: SimpleNamespace) -> None:
         self.runner, self.unavailable = engine.runner, None
@@ -203,12 +215,14 @@ def test_a_lost_worker_leaves_a_pipeline_master_waiting():
 
 
 def test_a_restarted_master_adopts_workers_that_hold_its_plan():
+    """They get the ranges they hold (the worker then keeps its weights) and the new plan's
+    data-plane keys: the old ones belong to a plan nobody serves any more."""
     control = FakeControl([FakeWorker("w1", holding(0, 2)), FakeWorker("w2", holding(2, NUM_LAYERS))])
     engine = FakeEngine()
     m = manager(control, engine, want_workers=2)
     replan(m)
-    assert control.assigned == [] and [n for n, _ in control.adopted] == ["w1", "w2"]
-    assert engine.ready and m.loads == {"w1": 3, "w2": 3}  # their own load counters: nothing reloaded
+    assert [(a.start, a.end) for a in control.assigned] == [(0, 2), (2, NUM_LAYERS)]
+    assert all(a.steps_key and a.result_key for a in control.assigned) and engine.ready
 
 
 def test_holdings_that_do_not_cover_the_model_are_reassigned():
@@ -245,3 +259,84 @@ def test_the_plan_changes_only_between_requests():
     engine.busy = False
     replan(m)
     assert len(control.assigned) == 1
+
+
+# ---- a worker that joins a serving cluster ----
+
+
+def test_a_spare_worker_stands_by_when_the_cluster_has_its_n_workers_and_steps_in_when_needed():
+    control, engine = FakeControl([FakeWorker("w1"), FakeWorker("w2")]), FakeEngine()
+    m = manager(control, engine, want_workers=2)
+    replan(m)
+    assert control.assigned_to == ["w1", "w2"] and engine.ready
+    runner = engine.runner
+    control.workers_.append(FakeWorker("w3", gflops=1000.0))  # even a much faster one
+    replan(m)
+    assert control.assigned_to == ["w1", "w2"] and engine.runner is runner and engine.log == []  # no reload
+    assert m.to_json()["standby"] == ["w3"] and [a.node_id for a in m.plan.assignments] == ["w1", "w2"]
+    control.workers_[0].closed = True  # a stage is lost: the standby is the replacement
+    engine.set_unavailable("a pipeline stage failed (w1 reset)")
+    replan(m)
+    assert control.assigned_to[2:] == ["w2", "w3"] and engine.ready and m.to_json()["standby"] == []
+    assert set(m.loads) == {"w2", "w3"}  # the departed stage's row is gone
+
+
+def test_a_pipeline_master_uses_more_than_n_workers_only_when_n_cannot_hold_the_model():
+    need_all = FakeWorker("w1", free_bytes=2**20)  # room for 2 of the 4 layers
+    control, engine = FakeControl([need_all, FakeWorker("w2", free_bytes=2**20), FakeWorker("w3")]), FakeEngine()
+    m = manager(control, engine, want_workers=1)
+    replan(m)
+    assert control.assigned_to == ["w1", "w2"] and engine.ready and m.to_json()["standby"] == ["w3"]
+
+
+def test_serving_alone_a_joining_worker_replans_only_for_a_predicted_gain(caplog):
+    caplog.set_level("INFO", logger="cluster")
+    slow = FakeWorker("slow", gflops=0.01)
+    control, engine = FakeControl([slow]), FakeEngine()
+    m = manager(control, engine)
+    replan(m)
+    assert control.assigned_to == ["slow"] and isinstance(engine.runner, FakeRing)
+    engine.log.clear()
+    control.workers_.append(FakeWorker("twin", gflops=0.01))  # as slow: one more hop, no gain
+    replan(m)
+    assert control.assigned_to == ["slow"] and engine.log == [] and m.to_json()["standby"] == ["twin"]
+    assert "worker(s) twin stand by: a plan with it is predicted" in caplog.text
+    control.workers_.remove(control.workers_[1])
+    control.workers_.append(FakeWorker("fast", gflops=100.0, free_bytes=24 * GiB))  # takes 3 of the 4 layers
+    replan(m)
+    assert control.assigned_to[1:] == ["slow", "fast"] and [(a.start, a.end) for a in control.assigned[1:]] == [
+        (0, 1),
+        (1, NUM_LAYERS),
+    ]
+    # The engine held new requests before the first stage was told to reload, and serves again after.
+    assert engine.log[0].startswith("unavailable: re-planning") and engine.log[-1] == "swap" and engine.ready
+    assert "re-planning: a plan with fast, slow is predicted" in caplog.text
+
+
+def test_a_join_replan_waits_for_running_requests_before_reloading_the_stages():
+    control, engine = FakeControl([FakeWorker("slow", gflops=0.01)]), FakeEngine()
+    m = manager(control, engine)
+    replan(m)
+
+    async def main():
+        engine.busy = True  # a request is running on the current stages
+        control.workers_.append(FakeWorker("fast", gflops=100.0, free_bytes=24 * GiB))
+        task = asyncio.create_task(m._replan())
+        await asyncio.sleep(0.3)
+        assert engine.unavailable and engine.unavailable.startswith("re-planning")  # new requests wait
+        assert control.assigned_to == ["slow"]  # the running one still has its stages
+        engine.busy = False
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert control.assigned_to[1:] == ["slow", "fast"] and engine.ready
+
+
+def test_a_failed_join_replan_serving_alone_falls_back_to_the_local_model():
+    control, engine = FakeControl([FakeWorker("slow", gflops=0.01)]), FakeEngine()
+    m = manager(control, engine)
+    replan(m)
+    control.workers_.append(FakeWorker("fast", gflops=100.0, free_bytes=24 * GiB))
+    control.failing.add("fast")
+    replan(m)
+    assert engine.runner == "local-runner" and engine.ready and m.plan is None  # held requests run locally

@@ -6,6 +6,7 @@ TOKEN appended, and is finished once it has `max_tokens` outputs."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -18,13 +19,19 @@ from inference.sequence import Sequence, SequenceStatus
 TOKEN = 7
 
 
-def make_seq(prompt_len: int, max_tokens: int = 4) -> Sequence:
-    return Sequence(list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
+def make_seq(prompt_len: int, max_tokens: int = 4, group: int | None = None) -> Sequence:
+    return Sequence(list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), group=group)
 
 
-def make(num_blocks: int = 64, block_size: int = 4, max_batch: int = 8, max_batch_tokens: int = 64):
+def make(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_batch: int = 8,
+    max_batch_tokens: int = 64,
+    max_seqs_per_group: int | None = None,
+):
     kv = KVCacheManager(num_blocks, block_size)
-    return kv, Scheduler(kv, max_batch, max_batch_tokens)
+    return kv, Scheduler(kv, max_batch, max_batch_tokens, max_seqs_per_group)
 
 
 def step(sched: Scheduler, done: list[Sequence] | None = None) -> SchedulerOutput:
@@ -55,6 +62,8 @@ def check_invariants(sched: Scheduler) -> None:
     for s in sched.waiting:
         assert s.status is SequenceStatus.WAITING
         assert s.block_table == [] and s.num_computed_tokens == 0
+    held = Counter(s.group for s in sched.running if s.group is not None)
+    assert all(n <= sched.max_seqs_per_group for n in held.values()), held
 
 
 def run_to_end(sched: Scheduler, max_steps: int = 10_000) -> list[Sequence]:
@@ -304,6 +313,92 @@ def test_equal_requests_complete_in_arrival_order():
     assert run_to_end(sched) == seqs
 
 
+def test_one_request_holds_at_most_half_the_batch_by_default():
+    kv, sched = make(max_batch=8)
+    assert sched.max_seqs_per_group == 4
+    big = [make_seq(4, max_tokens=1000, group=1) for _ in range(10)]  # n=10, ignore_eos style
+    for s in big:
+        sched.add(s)
+    out = step(sched)
+    assert [s.seq for s in out.scheduled] == big[:4]  # 4 of 8 slots, though all would fit
+    assert sched.num_waiting == 6
+    chat = make_seq(3, max_tokens=2, group=2)
+    sched.add(chat)  # arrives later, behind six waiting siblings of the big request
+    out = step(sched)
+    assert chat in [s.seq for s in out.scheduled]  # starts at once, the big request still runs
+    assert all(not s.is_finished for s in big[:4]) and sched.num_waiting == 6
+    done = run_to_end(sched)
+    assert done[0] is chat and {s.seq_id for s in done} == {s.seq_id for s in big + [chat]}
+    assert kv.num_used_blocks == 0
+
+
+def test_a_capped_request_takes_a_slot_when_one_of_its_own_finishes():
+    kv, sched = make(max_batch=8, max_seqs_per_group=2)
+    short, long_ = make_seq(2, max_tokens=1, group=1), make_seq(2, max_tokens=50, group=1)
+    rest = [make_seq(2, max_tokens=50, group=1) for _ in range(3)]
+    for s in (short, long_, *rest):
+        sched.add(s)
+    assert [s.seq for s in step(sched).scheduled] == [short, long_]
+    assert short.is_finished  # one token: done after its prefill
+    assert [s.seq for s in step(sched).scheduled] == [long_, rest[0]]  # its slot goes to a sibling
+    assert sched.num_running == 2 and sched.num_waiting == 2
+
+
+def test_requests_without_a_group_are_not_capped():
+    kv, sched = make(max_batch=4, max_seqs_per_group=1)
+    seqs = [make_seq(2) for _ in range(4)]
+    for s in seqs:
+        sched.add(s)
+    assert [s.seq for s in step(sched).scheduled] == seqs
+
+
+@pytest.mark.parametrize("cap", [0, -1])
+def test_group_cap_validates(cap):
+    with pytest.raises(ValueError):
+        make(max_seqs_per_group=cap)
+
+
+def test_long_prefill_leaves_half_the_step_to_a_waiting_request():
+    kv, sched = make(max_batch_tokens=8)
+    long_ = make_seq(40, max_tokens=1)
+    sched.add(long_)
+    assert plan(step(sched)) == [(long_.seq_id, 8)]  # alone: the whole budget
+    chat = make_seq(3, max_tokens=2)
+    sched.add(chat)
+    # The chat starts in the next step instead of after the 32 tokens of prefill left.
+    assert plan(step(sched)) == [(long_.seq_id, 4), (chat.seq_id, 3)]
+    assert plan(step(sched)) == [(long_.seq_id, 7), (chat.seq_id, 1)]  # nobody waits: all of it
+    run_to_end(sched)
+    assert kv.num_used_blocks == 0
+
+
+def test_decodes_keep_flowing_during_a_long_prefill():
+    kv, sched = make(num_blocks=128, max_batch_tokens=16)
+    streams = [make_seq(3, max_tokens=100) for _ in range(3)]
+    for s in streams:
+        sched.add(s)
+    step(sched)
+    long_ = make_seq(200, max_tokens=1)
+    sched.add(long_)
+    while not long_.is_finished:
+        out = step(sched)
+        # Every running stream gets its token in every step of the long prompt's prefill.
+        assert [(s.seq, s.num_new_tokens) for s in out.scheduled[:3]] == [(s, 1) for s in streams]
+        assert out.num_batched_tokens <= 16
+    assert all(len(s.output_token_ids) >= 200 // 13 for s in streams)
+
+
+def test_no_admission_while_the_engine_drains():
+    kv, sched = make()
+    a = make_seq(3, max_tokens=5)
+    sched.add(a)
+    step(sched)
+    b = make_seq(3)
+    sched.add(b)
+    out = sched.schedule(admit=False)
+    assert plan(out) == [(a.seq_id, 1)] and sched.waiting == (b,)
+
+
 # -- abort and finish --------------------------------------------------------------------
 def test_abort_frees_blocks_immediately():
     kv, sched = make(num_blocks=16, block_size=4, max_batch=2)
@@ -339,7 +434,11 @@ def test_abort_during_forward_pass():
 def test_no_block_leak_under_random_load():
     rng = random.Random(1234)
     kv, sched = make(num_blocks=24, block_size=4, max_batch=6, max_batch_tokens=24)
-    pending = [make_seq(rng.randint(1, 60), max_tokens=rng.randint(1, 24)) for _ in range(500)]
+    # A third of the sequences come in groups (the n choices of one request), capped at 3 slots.
+    pending = [
+        make_seq(rng.randint(1, 60), max_tokens=rng.randint(1, 24), group=rng.choice([None, None, 1, 2]))
+        for _ in range(500)
+    ]
     added: list[Sequence] = []
     done: list[Sequence] = []
     preemptions = 0

@@ -5,6 +5,7 @@ test (the group is always closed again, so later tests build plain single-proces
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from inference.sequence import Sequence
 from inference.tp_runner import start_tp, tp_engine
 from tests.tiny_models import IdTokenizer, make_tiny
 
-from .conftest import start_stage
+from .conftest import STAGE_SECRET, stage_plan, start_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -173,6 +174,7 @@ def test_bad_tp_on_a_stage_is_refused(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "cluster.stage_server", "--model", str(tmp_path), "--layers", "0", "4", "--tp", "3"],
         cwd=ROOT,
+        env=dict(os.environ, RINGLLM_SECRET=STAGE_SECRET),
         capture_output=True,
         text=True,
         timeout=60,
@@ -208,7 +210,9 @@ def test_pipeline_of_two_tp2_stages_equals_single_process(tmp_path):
             loaded=ends,
             tokenizer=IdTokenizer(),
             num_blocks=NUM_BLOCKS,
-            runner=PipelineRunner(local, RingClient(addr1, results, f"127.0.0.1:{port}", timeout=30)),
+            runner=PipelineRunner(
+                local, RingClient(addr1, results, f"127.0.0.1:{port}", stage_plan((0, 2), (2, 4)), timeout=30)
+            ),
         )
         got = piped.generate(prompts, greedy)  # 4 at once, chunked prefills mixed with decodes
         piped.runner.close()

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -75,6 +76,48 @@ def test_api_key_guards_the_ui_with_a_login():
         assert client.post("/login", data={"username": "me", "password": "nope"}).status_code == 400
         assert client.post("/login", data={"username": "anyone", "password": "s3cret"}).status_code == 200
         assert client.get("/config").status_code == 200  # the session cookie now opens the page
+
+
+def test_login_form_refuses_an_address_after_five_wrong_keys():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from cluster.registry import NodeRegistry
+    from inference.async_engine import AsyncEngine
+    from ui.web import mount_ui
+
+    app = mount_ui(FastAPI(), AsyncEngine(None, "smollm2"), NodeRegistry(), api_key="s3cret")
+    with TestClient(app) as client:
+        for _ in range(5):
+            assert client.post("/login", data={"username": "me", "password": "guess"}).status_code == 400
+        r = client.post("/login", data={"username": "me", "password": "s3cret"})
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
+        assert "Too many failed logins" in r.json()["detail"]
+
+
+def test_lone_surrogates_never_break_a_chat_session():
+    """A browser can send half of a surrogate pair; the message is refused with a warning, a
+    system prompt holding one fails that reply, and the page stays renderable (Gradio sends
+    the history as UTF-8 JSON) so the session goes on without Clear."""
+    from inference.async_engine import AsyncEngine
+    from ui.chat import ChatController, ChatState, Exchange, render
+
+    ctrl = ChatController(AsyncEngine(None, "smollm2"))
+    state = ChatState()
+    with pytest.warns(UserWarning, match="surrogate"):
+        out = ctrl.take_message("hi \ud83d", state)
+    assert out[1] is state and state.exchanges == []
+
+    ctrl = ChatController(SimpleNamespace(accepting=True))  # past the loading check, no model needed
+    state = ChatState([Exchange("hello")])
+
+    async def run():
+        return [o async for o in ctrl.generate(state, "be \udc00 brief", 0.7, 0.9, 0, 64, -1, 1.0)]
+
+    asyncio.run(run())
+    assert "system prompt" in state.exchanges[0].error and "surrogate" in state.exchanges[0].error
+    json.dumps(render(state), ensure_ascii=False).encode("utf-8")  # what Gradio must send back
+    assert ctrl.take_message("hi again", state)[0] == ""  # the session goes on
 
 
 def test_empty_registry_explains_itself():

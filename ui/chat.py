@@ -22,6 +22,17 @@ from inference.errors import InferenceError, InvalidParameter
 log = logging.getLogger(__name__)
 
 LOADING = "⏳ model loading… send your message again in a few seconds."
+# A browser can send a lone UTF-16 surrogate (half of an emoji, pasted or cut); it is no
+# character, and a chat history holding one could not be sent back to the page.
+NOT_UNICODE = "contains an invalid character (a lone UTF-16 surrogate, half of an emoji?); remove it and send again"
+
+
+def is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(slots=True)
@@ -158,6 +169,9 @@ class ChatController:
             return gr.skip(), state, gr.skip()
         if not text.strip():
             return gr.skip(), state, gr.skip()
+        if not is_unicode(text):
+            gr.Warning(f"Your message {NOT_UNICODE}.")
+            return gr.skip(), state, gr.skip()
         state.exchanges.append(Exchange(text))
         return "", state, render(state)
 
@@ -225,8 +239,11 @@ class ChatController:
         repetition_penalty,
     ):
         """Fill `ex` from the engine, yielding after every delta. Errors land in `ex.error`."""
-        if not self.engine.ready:
+        if not self.engine.accepting:  # loading; while a lost stage is replaced, requests wait
             ex.error = LOADING
+            return
+        if not is_unicode(system):
+            ex.error = f"The system prompt {NOT_UNICODE}."
             return
         try:
             ids = self.engine.encode_chat(to_messages(system, state.exchanges))
@@ -245,7 +262,7 @@ class ChatController:
             return
         t0 = time.perf_counter()
         t_first = t_last = None
-        stream = self.engine.generate(ids, params)
+        stream = self.engine.generate(ids, params)  # admission errors raise on the first step
         try:
             async for out in stream:
                 now = time.perf_counter()

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from inference.admission import QueueFull, RequestTooLarge
+from inference.async_engine import EngineNotReady
 from inference.errors import InferenceError, InvalidParameter, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,13 @@ class APIError(Exception):
     """An error with everything the OpenAI error body needs."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -44,6 +52,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.type = type_ or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
 
 
 class ClientDisconnected(APIError):
@@ -51,12 +60,19 @@ class ClientDisconnected(APIError):
         super().__init__(CLIENT_CLOSED, "the client closed the connection", code="client_disconnected")
 
 
+def printable(text: str) -> str:
+    """`text` as valid Unicode: a lone UTF-16 surrogate (from a client's JSON escape) cannot be
+    encoded as UTF-8, so it is spelled out (backslash-u) instead of failing the response."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(err: APIError) -> dict[str, Any]:
-    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    param = None if err.param is None else printable(err.param)
+    return {"error": {"message": printable(err.message), "type": err.type, "param": param, "code": err.code}}
 
 
 def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(err), status_code=err.status, headers=headers)
+    return JSONResponse(error_body(err), status_code=err.status, headers={**err.headers, **(headers or {})})
 
 
 def param_path(loc: tuple[Any, ...]) -> str:
@@ -96,6 +112,10 @@ def _invalid_parameter(err: InvalidParameter) -> APIError:
     return APIError(400, f"Invalid value for '{err.param}': {err.message}", err.param, "invalid_value")
 
 
+def _sentence(text: str) -> str:
+    return f"{text[:1].upper()}{text[1:]}."
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """Map any exception to the APIError a client should see (500 for the unexpected)."""
     if isinstance(exc, APIError):
@@ -108,6 +128,15 @@ def to_api_error(exc: BaseException) -> APIError:
         return from_validation(exc.errors())
     if isinstance(exc, ModelNotFound):
         return APIError(404, str(exc), "model", "model_not_found")
+    if isinstance(exc, QueueFull):
+        return APIError(429, _sentence(str(exc)), code="queue_full", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, RequestTooLarge):
+        # Retrying the same request cannot help: tell clients (the openai package honours it) not to.
+        return APIError(
+            429, _sentence(exc.message), exc.param, "request_too_large", headers={"x-should-retry": "false"}
+        )
+    if isinstance(exc, EngineNotReady):
+        return APIError(503, _sentence(str(exc)), code="model_not_ready")
     if isinstance(exc, InferenceError):
         # The model loop is down or the engine refused the request for a reason of its own.
         return APIError(503, f"the engine cannot serve this request: {exc}", code="engine_unavailable")

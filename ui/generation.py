@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -19,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from inference.async_engine import AsyncEngine
+from inference.async_engine import AsyncEngine, RequestStream
 from inference.config import SamplingParams
 from inference.engine import RequestOutput
 
@@ -41,22 +40,29 @@ class Job:
 class Fanout:
     """Runs one engine request per job and yields `(index, output)` in arrival order.
 
+    The jobs are submitted together when it is built, so admission control takes or refuses
+    the whole request (the constructor raises, and nothing was queued).
+
     Invariants: `_live` counts jobs that have not yet delivered a finished output; after
-    `aclose()` no task is left and every unfinished engine request has been aborted (the
-    engine aborts a request whose generator is closed early)."""
+    `aclose()` no task is left and every unfinished engine request has been aborted."""
 
     def __init__(self, engine: AsyncEngine, jobs: list[Job]):
         self._queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
+        self._streams = engine.submit([(job.prompt_token_ids, job.params) for job in jobs])
         self._live = len(jobs)
-        self._tasks = [asyncio.create_task(self._pump(engine, job), name=f"choice-{job.index}") for job in jobs]
+        self._tasks = [
+            asyncio.create_task(self._pump(job.index, stream), name=f"choice-{job.index}")
+            for job, stream in zip(jobs, self._streams)
+        ]
 
-    async def _pump(self, engine: AsyncEngine, job: Job) -> None:
+    async def _pump(self, index: int, stream: RequestStream) -> None:
         try:
-            async with aclosing(engine.generate(job.prompt_token_ids, job.params)) as stream:
-                async for out in stream:
-                    self._queue.put_nowait((job.index, out))
+            async for out in stream:
+                self._queue.put_nowait((index, out))
         except Exception as e:  # handed to the consumer, which raises it in the request
-            self._queue.put_nowait((job.index, e))
+            self._queue.put_nowait((index, e))
+        finally:
+            stream.close()
 
     async def next(self) -> tuple[int, RequestOutput] | None:
         """The next output of any choice; None once every choice has finished."""
@@ -77,8 +83,11 @@ class Fanout:
             yield item
 
     async def aclose(self) -> None:
-        # cancel() is synchronous, so every abort is posted even if this coroutine is itself
-        # being cancelled; the shielded wait only lets the tasks finish their clean-up.
+        # Closing a stream posts its abort at once (also for a task that never started), so
+        # every abort is posted even if this coroutine is itself being cancelled; the
+        # shielded wait only lets the tasks finish.
+        for stream in self._streams:
+            stream.close()
         for task in self._tasks:
             task.cancel()
         with anyio.CancelScope(shield=True):

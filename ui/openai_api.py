@@ -15,11 +15,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
-from inference.async_engine import AsyncEngine
+from inference.async_engine import AsyncEngine, EngineStats
 from inference.config import SamplingParams
 from inference.engine import RequestOutput
 
+from .auth import bearer_ok
 from .errors import APIError, error_body, to_api_error
 from .formatting import DONE, ChatFormatter, ChoiceResult, CompletionFormatter, Formatter, Meta, sse
 from .generation import ClosingStreamingResponse, Fanout, Job, unless_disconnected
@@ -43,8 +46,9 @@ def _engine(request: Request) -> AsyncEngine:
 
 
 def _require_ready(engine: AsyncEngine) -> None:
-    # The server answers while the model loads (and while a broken pipeline recovers).
-    if not engine.ready:
+    # The server answers while the model loads. While a broken pipeline recovers requests are
+    # taken: they wait (a bounded time) for the replacement stage.
+    if not engine.accepting:
         raise APIError(503, f"The model '{engine.model_name}' is not ready; retry shortly.", code="model_not_ready")
 
 
@@ -63,11 +67,30 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
 
 
+# What /api/status shows a caller without the API key (when one is set): the queue and the
+# layout, never an address, a port or a counter of the data plane.
+_PUBLIC_NODE_KEYS = ("node_id", "state", "layer_start", "layer_end", "model", "backend", "device", "tok_s")
+_PUBLIC_CLUSTER_KEYS = ("mode", "want_workers")
+
+
+def public_status(body: dict) -> dict:
+    """`body` cut down to an allow-list: a key added to the status later stays private until listed."""
+    public = {k: body[k] for k in ("quant", *(f.name for f in dataclasses.fields(EngineStats))) if k in body}
+    if isinstance(body.get("nodes"), list):
+        public["nodes"] = [{k: n[k] for k in _PUBLIC_NODE_KEYS if k in n} for n in body["nodes"]]
+    if isinstance(body.get("cluster"), dict):
+        public["cluster"] = {k: body["cluster"][k] for k in _PUBLIC_CLUSTER_KEYS if k in body["cluster"]}
+    return public
+
+
 @router.get("/api/status")
 async def status(request: Request) -> JSONResponse:
     body = dataclasses.asdict(_engine(request).stats())
     if request.app.state.status_extra is not None:
         body.update(request.app.state.status_extra())
+    key = request.app.state.api_key
+    if key and not bearer_ok(request.scope["headers"], key):
+        body = public_status(body)
     return JSONResponse(body)
 
 
@@ -253,3 +276,29 @@ async def _events(fan: Fanout, first: tuple[int, RequestOutput] | None, fmt: For
 
 def _json(model) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
+
+
+# -- anything else under /v1 ----------------------------------------------------------------------
+# Registered last: the routes above match first. Without it the Gradio app mounted at / would
+# answer these with its own {"detail": "Not Found"}, which no OpenAI client understands.
+@router.api_route(
+    "/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False
+)
+@router.api_route("/v1", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False)
+async def unknown_route(request: Request) -> Response:
+    allowed: set[str] = set()
+    for route in router.routes:  # ours: the /v1 routes are all declared in this module
+        if isinstance(route, APIRoute) and route.endpoint is not unknown_route:
+            match, _ = route.matches(request.scope)
+            if match is Match.PARTIAL:  # the path is ours, the method is not
+                allowed |= route.methods
+    where = f"{request.method} {request.url.path}"
+    if allowed:
+        methods = ", ".join(sorted(allowed))
+        raise APIError(
+            405,
+            f"Method not allowed ({where}); this route takes {methods}.",
+            code="method_not_allowed",
+            headers={"Allow": methods},
+        )
+    raise APIError(404, f"Invalid URL ({where}).", code="unknown_url")

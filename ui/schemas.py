@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 from pydantic_core import PydanticCustomError
 
-from .errors import APIError, from_validation
+from .errors import APIError, from_validation, param_path
 
 MAX_STOP = 4
 # The stop checker scans held-back text against every stop string on each token (quadratic in
@@ -142,6 +142,33 @@ def _is_noop(value: Any, noops: tuple[Any, ...]) -> bool:
     return value is None or any(type(value) is type(n) and value == n for n in noops)
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # C speed; fails only on a lone surrogate
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate_at(value: Any, loc: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], bool] | None:
+    """Where in a parsed body a string (or, flag True, a key) holds a lone UTF-16 surrogate.
+    JSON lets a client write one ("\\ud800"), but it is no character: the tokenizer and every
+    UTF-8 encoder downstream would fail on it."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else (loc, False)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not _is_unicode(k):
+                return loc, True
+            if (found := _surrogate_at(v, (*loc, k))) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _surrogate_at(v, (*loc, i))) is not None:
+                return found
+    return None
+
+
 def parse_request(raw: bytes, model: type[Req]) -> Req:
     """Raw body -> validated request, or an APIError (400) that names the offending field."""
     try:
@@ -150,6 +177,16 @@ def parse_request(raw: bytes, model: type[Req]) -> Req:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    if (found := _surrogate_at(body)) is not None:
+        loc, in_key = found
+        param = param_path(loc) or None
+        where = f"a key of '{param}'" if in_key and param else ("a key" if in_key else f"'{param}'")
+        raise APIError(
+            400,
+            f"Invalid value for {where}: the text contains a lone UTF-16 surrogate, which is not valid Unicode.",
+            param,
+            "invalid_value",
+        )
     for name, noops in model.UNSUPPORTED.items():
         if name in body:
             if not _is_noop(body[name], noops):

@@ -5,7 +5,6 @@ around them (access log, API key, body size limit).
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.async_engine import AsyncEngine
 
+from .auth import bearer_ok
 from .errors import APIError, error_response, install_handlers
 from .openai_api import router
 
@@ -56,22 +56,16 @@ class ApiKeyAuth:
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
-        self._key = api_key.encode()
+        self._key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _is_api(scope["path"]) and not self._authorized(scope):
+        if scope["type"] == "http" and _is_api(scope["path"]) and not bearer_ok(scope["headers"], self._key):
             err = APIError(
                 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
             )
             await error_response(err, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
         await self.app(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, token = header.partition(b" ")
-        # compare_digest: the time taken must not tell how much of the key was right.
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
 
 
 class BodyTooLarge(APIError):
@@ -126,7 +120,8 @@ def build_app(
     routes answer 503 until it is attached). The lifespan starts the engine's model thread
     (a no-op without a model yet), runs `on_startup` on the server's event loop (the
     cluster manager starts there), and shuts the engine down with the server.
-    `status_extra()` adds keys (nodes, plan) to GET /api/status."""
+    `status_extra()` adds keys (nodes, plan) to GET /api/status; with `api_key`, a caller
+    without it sees only what the status page shows anyone (no addresses, no ports)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -141,6 +136,7 @@ def build_app(
     app = FastAPI(title="ringllm", lifespan=lifespan)
     app.state.engine = engine
     app.state.status_extra = status_extra
+    app.state.api_key = api_key
     app.state.created = int(time.time())
     install_handlers(app)
     app.include_router(router)

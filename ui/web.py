@@ -5,7 +5,8 @@ page needs (CSS, logo, fonts, JS) is served by this process: no CDN, no analytic
 Google Fonts, so the page works on an offline machine.
 
 API key: when `api_key` is set the page sits behind Gradio's own login (`auth=`): a
-login form whose *password* must be the API key; any username is accepted."""
+login form whose *password* must be the API key; any username is accepted. Failed logins
+are rate-limited per client address (`ui.auth.LoginRateLimit`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from cluster.local_node import MasterNode
 from cluster.registry import NodeRegistry
 from inference.async_engine import AsyncEngine
 
+from .auth import LoginRateLimit
 from .chat import ChatController, build_chat_tab
 from .status import StatusView, build_status_tab, stop_timer
 
@@ -77,11 +79,14 @@ def mount_ui(
 
     `registry` feeds the Nodes tab; the master's own row is refreshed into it while the tab
     is open (`address` is the URL shown in that row; the master passes its own). With
-    `api_key`, the page needs a login: password = the key."""
+    `api_key`, the page needs a login: password = the key, at most 5 wrong guesses a minute
+    from one address."""
     master = MasterNode(engine, address or "this server")
     master.refresh(registry)  # the master is listed from the first snapshot on
     demo = build_blocks(engine, registry, master)
     auth = _key_auth(api_key) if api_key else None
+    if api_key:
+        app.add_middleware(LoginRateLimit)
     return gr.mount_gradio_app(
         app,
         demo,
