@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -34,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=os.environ.get("RINGLLM_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (env RINGLLM_API_KEY)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        type=_origin,
+        default=[],
+        metavar="ORIGIN",
+        help="web pages on these origins (e.g. https://app.example.com:8443, or * for any) may call "
+        "/v1/* and /health from a browser (CORS); preflights need no API key, the requests themselves "
+        "still do. Default: none",
     )
     cli.add_compute(p)
     cli.add_quant(p)
@@ -71,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         "only for a network you fully trust",
     )
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="encrypt and authenticate the gRPC data plane (hidden states between the master and the "
+        "stages) with mutual TLS: the master generates a CA at start and signs each worker's key "
+        "when it joins (after the join-token check); workers follow without a flag. The WebSocket "
+        "control channel stays plain HTTP unless the master is behind an HTTPS proxy",
+    )
+    p.add_argument(
         "--grpc-port",
         type=cli.port_number,
         default=0,
@@ -90,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", action="store_true", help="serve the API only, without the web page")
     cli.add_log_level(p)
     return p
+
+
+def _origin(value: str) -> str:
+    """A CORS origin as browsers send it: scheme://host[:port], no path; or * for any."""
+    value = value.strip()
+    if value != "*" and not re.fullmatch(r"https?://[^/\s]+", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an origin such as https://example.com:8443 (or *)")
+    return value.rstrip("/")
 
 
 def _count(value: str) -> int:
@@ -238,8 +265,10 @@ def master_config(args: argparse.Namespace):
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        allowed_origins=tuple(args.allowed_origins),
         join_token=args.join_token,
         insecure=args.insecure,
+        tls=args.tls,
         workers=args.workers,
         grpc_port=args.grpc_port,
         advertise_host=args.advertise_host,

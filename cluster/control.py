@@ -15,6 +15,10 @@ capped at `max_workers`. A registered worker that stops heartbeating is dropped 
 `heartbeat_timeout`, loading or not: a worker loads in a thread and keeps beating, so
 silence after an assign means it is gone, and the plan waiting on it hears so at once.
 
+With `ca` (app.py --tls) the challenge asks for a certificate request, and a worker's is
+signed only once it has proved the token and passed every other check; a bad one is refused
+with the reason (cluster.tls).
+
 Message schemas and size limits live in control_messages.py; nothing here touches a
 peer's bytes before `parse()` has validated them."""
 
@@ -26,6 +30,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -50,9 +55,13 @@ from .control_messages import (
     auth_digest,
     dump,
     parse,
+    tls_proof,
 )
 from .registry import NodeInfo, NodeRegistry, NodeState
 from .worker_conn import ControlError, LoadFailed, LoadTimeout, WorkerConn, WorkerLost, settle
+
+if TYPE_CHECKING:
+    from .tls import ClusterCA
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,7 @@ class ControlServer:
         max_pending: int = 64,
         max_pending_per_host: int = 8,
         on_change: Callable[[str, str], None] | None = None,
+        ca: ClusterCA | None = None,
     ):
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
@@ -87,6 +97,7 @@ class ControlServer:
         self.model_name = model_name  # shown for workers that hold nothing yet
         self.handshake_timeout = handshake_timeout
         self.max_workers = max_workers
+        self.ca = ca  # None: gRPC is plaintext and workers get no certificates
         # Called as on_change(node_id, event), event in {"registered", "ready", "failed", "lost"},
         # on the event loop; an exception it raises is logged, never propagated.
         self.on_change = on_change
@@ -187,7 +198,7 @@ class ControlServer:
             await self._close(ws, 1000)
 
     async def _first_message(self, ws: WebSocket, nonce: str) -> Message | None:
-        await ws.send_text(dump(Challenge(nonce=nonce)))
+        await ws.send_text(dump(Challenge(nonce=nonce, tls=self.ca is not None)))
         return await self._recv(ws)
 
     async def _handshake(self, ws: WebSocket, peer: str, slot: Pending) -> WorkerConn | None:
@@ -222,7 +233,7 @@ class ControlServer:
                 if not msg.auth
                 else (
                     None
-                    if hmac.compare_digest(auth_digest(self.join_token, nonce, msg.node_id), msg.auth)
+                    if hmac.compare_digest(auth_digest(self.join_token, nonce, msg.node_id, msg.csr), msg.auth)
                     else "wrong token"
                 )
             )
@@ -239,6 +250,11 @@ class ControlServer:
         if old is not None and not old.closed and now - old.last_seen <= self.heartbeat_timeout:
             log.warning("refused worker %s from %s: already connected from %s", msg.node_id, peer, old.peer)
             await self._refuse(ws, f"node id {msg.node_id} is already connected", CLOSE_POLICY)
+            return None
+        reply = self._registered(msg, nonce)
+        if isinstance(reply, str):
+            log.warning("refused worker %s from %s: %s", msg.node_id, peer, reply)
+            await self._refuse(ws, reply, CLOSE_POLICY)
             return None
         if old is not None:  # its socket is dead or silent: the new connection replaces it
             self._drop(old, "replaced by a new connection")
@@ -271,14 +287,7 @@ class ControlServer:
                 last_heartbeat=now,
             )
         )
-        await self._send(
-            conn,
-            Registered(
-                node_id=msg.node_id,
-                heartbeat_interval=self.heartbeat_interval,
-                heartbeat_timeout=self.heartbeat_timeout,
-            ),
-        )
+        await self._send(conn, reply)
         log.info(
             "worker %s registered from %s: grpc %s, %s, %.2f GiB free, %.1f GFLOP/s, holding %s",
             msg.node_id,
@@ -291,6 +300,24 @@ class ControlServer:
         )
         self._notify(msg.node_id, "registered")
         return conn
+
+    def _registered(self, msg: Register, nonce: str) -> Registered | str:
+        """The reply to a worker admitted in every other way, with its certificate under TLS;
+        or why its certificate request is refused."""
+        reply = Registered(
+            node_id=msg.node_id, heartbeat_interval=self.heartbeat_interval, heartbeat_timeout=self.heartbeat_timeout
+        )
+        if self.ca is None:
+            return reply
+        if msg.csr is None:
+            return "this master serves gRPC with TLS: the worker sent no certificate request (upgrade it)"
+        try:
+            cert = self.ca.sign(msg.csr, msg.node_id)
+        except ValueError as e:
+            return f"bad certificate request: {e}"
+        ca = self.ca.ca_pem
+        proof = tls_proof(self.join_token, nonce, msg.node_id, ca, cert) if self.join_token else ""
+        return reply.model_copy(update=dict(tls_cert=cert, tls_ca=ca, tls_proof=proof))
 
     async def _serve(self, conn: WorkerConn) -> str:
         """Read and beat until one of them ends; returns why the connection ended."""

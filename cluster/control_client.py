@@ -2,11 +2,15 @@
 registers (proving the join token by HMAC, see `auth_digest`), answers heartbeats and runs
 the master's assign/drain commands as a background task, so a shard that takes minutes to
 load never stops the heartbeats. On any disconnect it retries forever with capped
-exponential backoff, rotating through the master URLs (DNS is resolved on every connect)."""
+exponential backoff, rotating through the master URLs (DNS is resolved on every connect).
+When the master's challenge says it serves gRPC with TLS, the register carries the worker's
+certificate request and `on_registered` gets the certificate the master signed (checked
+against the join token when the worker has one)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import random
 import re
@@ -36,6 +40,7 @@ from .control_messages import (
     auth_digest,
     dump,
     parse,
+    tls_proof,
 )
 from .heartbeat import PingTracker
 
@@ -81,7 +86,12 @@ class ControlClient:
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
         handshake_timeout: float = 10.0,
+        csr: str | None = None,
+        on_registered: Callable[[Registered], Awaitable[None]] | None = None,
     ):
+        """`csr`: the certificate request sent to a master that uses TLS (none: such a master
+        cannot be joined). `on_registered` runs on each registration before any command is
+        read (the worker takes up its certificate there); if it raises, the session ends."""
         if not master_urls:
             raise ValueError("at least one master URL is needed")
         if not 0 < backoff_initial <= backoff_max:
@@ -93,6 +103,7 @@ class ControlClient:
         self.on_assign, self.on_drain = on_assign, on_drain
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.handshake_timeout = handshake_timeout
+        self.csr, self.on_registered = csr, on_registered
         self.connected = asyncio.Event()  # set while registered with a master
         self.last_refusal: str | None = None
         self.master_url: str | None = None  # the URL of the current (or last) session
@@ -182,9 +193,13 @@ class ControlClient:
         challenge = parse(await asyncio.wait_for(ws.recv(), self.handshake_timeout))
         if not isinstance(challenge, Challenge):
             raise ProtocolError(f"expected challenge, got {challenge.type}")
-        auth = auth_digest(self.join_token, challenge.nonce, self.node_id) if self.join_token else ""
+        csr = self.csr if challenge.tls else None
+        if challenge.tls and csr is None:
+            log.error("master %s serves gRPC with TLS and this client has no certificate request to send", url)
+            return
+        auth = auth_digest(self.join_token, challenge.nonce, self.node_id, csr) if self.join_token else ""
         try:
-            reg = Register(node_id=self.node_id, auth=auth, **self.register_payload())
+            reg = Register(node_id=self.node_id, auth=auth, csr=csr, **self.register_payload())
         except (ValidationError, TypeError) as e:  # our own bug, not the master's: say so and retry later
             log.error("cannot build register for %s: %s", self.node_id, e)
             return
@@ -195,6 +210,13 @@ class ControlClient:
             return
         if not isinstance(reply, Registered):
             raise ProtocolError(f"expected registered, got {reply.type}")
+        self._check_tls(challenge, reply)
+        if self.on_registered is not None:
+            try:
+                await self.on_registered(reply)
+            except Exception as e:  # e.g. the stage server could not switch to TLS: try again later
+                log.error("cannot take up the registration with master %s: %s", url, e)
+                return
         self._registered_in, self.last_refusal = gen, None
         self._ws = ws
         self._pings.restart()
@@ -215,6 +237,15 @@ class ControlClient:
         finally:
             for t in tasks:
                 t.cancel()
+
+    def _check_tls(self, challenge: Challenge, reply: Registered) -> None:
+        if challenge.tls != (reply.tls_cert is not None):
+            raise ProtocolError("registered does not match the challenge's tls")
+        if reply.tls_cert is None or reply.tls_ca is None or self.join_token is None:
+            return
+        want = tls_proof(self.join_token, challenge.nonce, self.node_id, reply.tls_ca, reply.tls_cert)
+        if not hmac.compare_digest(want, reply.tls_proof):  # not from a holder of the token
+            raise ProtocolError("the certificates came without a valid join-token proof")
 
     def _refused(self, url: str, reason: str) -> None:
         self.last_refusal = reason

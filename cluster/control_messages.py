@@ -7,7 +7,9 @@ refusal carries a short reason that is safe to log (no input values are echoed: 
 malformed message could be huge or carry a secret).
 
 Exchange (master ← worker):  challenge → register → registered | refused, then
-heartbeat/heartbeat_ack both ways, assign → ready | failed, status, drain."""
+heartbeat/heartbeat_ack both ways, assign → ready | failed, status, drain. With `--tls` the
+challenge says so, the register carries the worker's certificate request and the registered
+its certificate and the CA's (cluster.tls)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER = 1008, 1009, 1013
 _MAX_BYTES = 1 << 60  # memory figures (an exbibyte)
 _MAX_INT = 1 << 53  # counters, sequence numbers, plan ids (exact in every JSON reader)
 _MAX_LAYERS = 100_000
+MAX_CSR_BYTES = 4096  # an EC P-256 certificate request is ~350 bytes, an RSA-4096 one ~1.7 KB
+MAX_CERT_BYTES = 8192
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253}):([0-9]{1,5})$")
 
 NodeId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
@@ -39,6 +43,23 @@ Bytes = Annotated[int, Field(ge=0, le=_MAX_BYTES)]
 Count = Annotated[int, Field(ge=0, le=_MAX_INT)]
 Layer = Annotated[int, Field(ge=0, le=_MAX_LAYERS)]
 Seconds = Annotated[float, Field(ge=0, le=1e9)]
+Hex64 = Annotated[str, Field(max_length=64, pattern=r"^([0-9a-f]{64})?$")]  # an HMAC-SHA256, or "" for none
+# PEM blocks: base64 lines between the BEGIN/END lines of their kind, nothing else.
+_B64_LINES = r"(?:[A-Za-z0-9+/=]{1,76}\r?\n)+"
+CsrPem = Annotated[
+    str,
+    Field(
+        max_length=MAX_CSR_BYTES,
+        pattern=rf"^-----BEGIN CERTIFICATE REQUEST-----\r?\n{_B64_LINES}-----END CERTIFICATE REQUEST-----\r?\n?$",
+    ),
+]
+CertPem = Annotated[
+    str,
+    Field(
+        max_length=MAX_CERT_BYTES,
+        pattern=rf"^-----BEGIN CERTIFICATE-----\r?\n{_B64_LINES}-----END CERTIFICATE-----\r?\n?$",
+    ),
+]
 
 
 class ProtocolError(ValueError):
@@ -58,9 +79,23 @@ def check_host_port(v: str) -> str:
     return v
 
 
-def auth_digest(join_token: str, nonce: str, node_id: str) -> str:
-    """What a worker sends instead of the token: HMAC-SHA256(token, nonce + node_id), hex."""
-    return hmac.new(join_token.encode(), (nonce + node_id).encode(), hashlib.sha256).hexdigest()
+def auth_digest(join_token: str, nonce: str, node_id: str, csr: str | None = None) -> str:
+    """What a worker sends instead of the token: HMAC-SHA256(token, nonce + node_id), hex; with
+    a certificate request, its SHA-256 is covered too, so nobody on the path can swap in their
+    own key and have the master sign it under this worker's proof."""
+    msg = nonce + node_id
+    if csr is not None:
+        msg += "\0csr:" + hashlib.sha256(csr.encode()).hexdigest()
+    return hmac.new(join_token.encode(), msg.encode(), hashlib.sha256).hexdigest()
+
+
+def tls_proof(join_token: str, nonce: str, node_id: str, ca: str, cert: str) -> str:
+    """What the master adds to Registered when it has a join token: HMAC-SHA256(token, nonce,
+    node id, the CA's and the certificate's SHA-256), hex. The worker checks it, so someone on
+    the plain WebSocket path who lacks the token cannot slip it a CA of their own."""
+    ca_hash, cert_hash = (hashlib.sha256(x.encode()).hexdigest() for x in (ca, cert))
+    msg = "\0".join(("ringllm tls v1", nonce, node_id, ca_hash, cert_hash))
+    return hmac.new(join_token.encode(), msg.encode(), hashlib.sha256).hexdigest()
 
 
 class _Base(BaseModel):
@@ -123,6 +158,7 @@ class Holding(Shard):
 class Challenge(_Base):
     type: Literal["challenge"] = "challenge"
     nonce: Annotated[str, Field(min_length=32, max_length=128, pattern=r"^[0-9a-f]+$")]
+    tls: bool = False  # the master serves gRPC with mutual TLS: send a certificate request
 
 
 class Register(_Base):
@@ -131,8 +167,9 @@ class Register(_Base):
     grpc_address: Annotated[str, Field(max_length=300)]
     capacity: Capacity
     holding: Holding | None = None
-    # hex HMAC-SHA256(join_token, nonce + node_id); "" when the worker has no token.
-    auth: Annotated[str, Field(max_length=64, pattern=r"^([0-9a-f]{64})?$")] = ""
+    # hex HMAC-SHA256(join_token, nonce + node_id [+ the CSR's hash]); "" when the worker has no token.
+    auth: Hex64 = ""
+    csr: CsrPem | None = None  # the worker's certificate request, when the challenge said tls
 
     _addr = field_validator("grpc_address")(check_host_port)
 
@@ -142,6 +179,16 @@ class Registered(_Base):
     node_id: NodeId
     heartbeat_interval: Annotated[float, Field(gt=0, le=3600)]
     heartbeat_timeout: Annotated[float, Field(gt=0, le=86400)]
+    # With --tls: the worker's certificate, the CA's, and (with a join token) tls_proof over both.
+    tls_cert: CertPem | None = None
+    tls_ca: CertPem | None = None
+    tls_proof: Hex64 = ""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Registered:
+        if (self.tls_cert is None) != (self.tls_ca is None):
+            raise ValueError("tls_cert and tls_ca come together")
+        return self
 
 
 class Refused(_Base):

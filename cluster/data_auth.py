@@ -13,8 +13,10 @@ from a secret given to all of them and to their driver.
 Every gRPC stream carries `AUTH_HEADER` (and `NODE_HEADER` on result streams) in its
 metadata, once per stream: no per-step cost, no extra round trip. The value is an HMAC of
 the key (a bearer token, compared in constant time), checked before any message is read.
-Without TLS on gRPC someone who can read the LAN's traffic can read the token as well as the
-hidden states; what this stops is everyone else — a client of our ports that never joined."""
+Without TLS on gRPC (app.py --tls, cluster.tls) someone who can read the LAN's traffic can read
+the token as well as the hidden states; what this stops is everyone else — a client of our ports
+that never joined. With TLS it stays as a second lock: a certificate proves membership of the
+cluster, these keys which plan and which stage."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -32,6 +33,9 @@ from .manager import ClusterManager
 from .registry import NodeRegistry
 from .ring import ResultServer
 
+if TYPE_CHECKING:
+    from .tls import ClusterCA
+
 log = logging.getLogger(__name__)
 
 
@@ -44,8 +48,10 @@ class MasterConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins allowed to call the API
     join_token: str | None = None
     insecure: bool = False  # allow a non-loopback host without a join token (app.py warns loudly)
+    tls: bool = False  # mutual TLS on gRPC, with a CA this master generates (cluster.tls)
     workers: int | None = None  # wait for N workers and hold no layers; None: serve alone
     grpc_port: int = 0
     advertise_host: str | None = None
@@ -87,6 +93,13 @@ class Master:
         self.cfg = cfg
         self.announce = announce
         self.registry = NodeRegistry()
+        self.ca: ClusterCA | None = None
+        tls = None
+        if cfg.tls:  # the CA lives as long as this process; workers get its certificates when they join
+            from .tls import ClusterCA
+
+            self.ca = ClusterCA()
+            tls = self.ca.node_tls("master")
         self.control = ControlServer(
             self.registry,
             cfg.join_token,
@@ -94,9 +107,10 @@ class Master:
             cfg.heartbeat_timeout,
             model_name=cfg.name,
             on_change=lambda node_id, event: self._poke(),
+            ca=self.ca,
         )
         self.engine = AsyncEngine(None, cfg.name, on_stage_failure=self._on_stage_failure, limits=cfg.limits)
-        self.results = ResultServer()
+        self.results = ResultServer(tls)
         self.manager: ClusterManager | None = None
         self.failure: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -109,7 +123,11 @@ class Master:
         from ui.server import build_app
 
         app = build_app(
-            self.engine, api_key=self.cfg.api_key, on_startup=self._on_startup, status_extra=self.status_extra
+            self.engine,
+            api_key=self.cfg.api_key,
+            allowed_origins=self.cfg.allowed_origins,
+            on_startup=self._on_startup,
+            status_extra=self.status_extra,
         )
         app.add_api_websocket_route("/ws/worker", self.control.handle)
         if self.cfg.ui:
@@ -123,7 +141,10 @@ class Master:
         nodes = [dict(dataclasses.asdict(n), state=n.state.value) for n in self.registry.snapshot()]
         info = self.engine.info()
         return dict(
-            nodes=nodes, quant=info.quant if info else None, cluster=self.manager.to_json() if self.manager else None
+            nodes=nodes,
+            quant=info.quant if info else None,
+            tls=self.ca is not None,
+            cluster=self.manager.to_json() if self.manager else None,
         )
 
     def _poke(self) -> None:

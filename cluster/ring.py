@@ -9,14 +9,17 @@ on the step's future instead, with a timeout.
 Both ends are guarded (cluster.data_auth): a result stream opens only with the credentials
 of a stage of an admitted plan, and a step's answer counts only from its own plan — the
 hidden states only from the last stage, in the shape that was sent — so a stranger can
-neither settle nor fail a step, and a malformed answer fails that step alone."""
+neither settle nor fail a step, and a malformed answer fails that step alone. With `tls` (the
+master's certificate from its cluster CA, app.py --tls) the endpoint takes only mutual-TLS
+clients of that CA, a result stream's certificate must name the stage its credentials claim,
+and the RingClient's hop to stage 1 presents the same certificate."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import threading
-from collections import deque
+from collections import Counter, deque
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ from proto import stage_pb2, stage_pb2_grpc
 from .data_auth import AUTH_HEADER, NODE_HEADER, PlanAuth, RefusalLog, header
 from .stage_stream import GRPC_OPTIONS, StageError, StreamSender
 from .tensor_wire import WireError, from_proto
+from .tls import NodeTLS, peer_node
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,8 @@ class ResultServer(stage_pb2_grpc.MasterServicer):
     the step's plan: a result only from the plan's last stage, and only as [rows, width]
     float hidden states; an error from any of its stages. Thread-safe."""
 
-    def __init__(self):
+    def __init__(self, tls: NodeTLS | None = None):
+        self.tls = tls  # the master's TLS identity: this endpoint's and the ring clients'
         self._lock = threading.Lock()
         self._waiting: dict[int, _Waiting] = {}
         self._plans: deque[PlanAuth] = deque(maxlen=MAX_PLANS)  # whose stages may open a stream
@@ -63,6 +68,7 @@ class ResultServer(stage_pb2_grpc.MasterServicer):
         self.results = 0  # final hidden states received (tests prove the ring with it)
         self.errors = 0  # failures stages reported, and malformed results
         self.refused = 0  # streams and reports refused: bad credentials, unknown steps, wrong sender
+        self._open: Counter[str] = Counter()  # node id -> its result streams now open
         self._warn = RefusalLog(log)
 
     def start(self, host: str, port: int) -> int:
@@ -71,12 +77,16 @@ class ResultServer(stage_pb2_grpc.MasterServicer):
             futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ring-results"), options=GRPC_OPTIONS
         )
         stage_pb2_grpc.add_MasterServicer_to_server(self, server)
-        bound = server.add_insecure_port(f"{'[' + host + ']' if ':' in host else host}:{port}")
+        address = f"{'[' + host + ']' if ':' in host else host}:{port}"
+        if self.tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, self.tls.server_credentials())
         if bound == 0:
             raise OSError(f"cannot bind the result port {host}:{port} (pick another with --grpc-port)")
         server.start()
         self._server, self.port = server, bound
-        log.info("ring results endpoint on %s:%d", host, bound)
+        log.info("ring results endpoint on %s:%d%s", host, bound, " (mutual TLS)" if self.tls else "")
         return bound
 
     def stop(self) -> None:
@@ -139,16 +149,24 @@ class ResultServer(stage_pb2_grpc.MasterServicer):
         node, token = header(md, NODE_HEADER), header(md, AUTH_HEADER)
         with self._lock:
             plans = [p for p in self._plans if p.sender(node, token)]
+        if self.tls is not None and peer_node(context) != node:  # a member's certificate, but not this stage's
+            plans = []
         if not plans:  # before reading any message: a stranger learns nothing and settles nothing
             self.refused += 1
             self._warn("refused a result stream from %s: not a stage of a current plan", peer)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "not a stage of a current plan")
+        with self._lock:
+            self._open[node] += 1
         try:
             for resp in request_iterator:
                 yield self._settle(resp, node, token, peer)
         except grpc.RpcError:
             pass  # the stream was cancelled: handled below
-        if not context.is_active():
+        finally:
+            with self._lock:
+                self._open[node] -= 1
+                others = self._open[node]  # a stage that re-opened its stream still answers on the new one
+        if not context.is_active() and not others:
             # A stage's stream broke (killed mid-step): the steps it held will never arrive,
             # and its upstream may already have had its ack, so nobody else reports them.
             failed = self._fail_where(
@@ -213,7 +231,7 @@ class RingClient:
         self.plan = plan
         self.timeout = timeout
         results.admit(plan)
-        self._sender = StreamSender(first, self._on_error, metadata=plan.steps_metadata())
+        self._sender = StreamSender(first, self._on_error, metadata=plan.steps_metadata(), tls=results.tls)
 
     def _on_error(self, step_id: int, reply_to: str, message: str, broken: bool) -> None:
         self.results.fail(step_id, f"stage {message}")

@@ -12,7 +12,9 @@ a bare ack; the last stage sends its output to `reply_to`, and a stage that fail
 Only the plan's members speak to a stage: a Steps stream must carry the plan's steps token
 (cluster.data_auth), checked before any message is read, and every step is checked against
 the plan's limits (hidden width, context, KV pool, batch budget) before anything is
-allocated for it; a refused step is an error for that step alone.
+allocated for it; a refused step is an error for that step alone. When the master serves
+gRPC with TLS, `tls` is this worker's certificate (cluster.tls): the server then admits only
+clients with a certificate of the cluster's CA, and the hops it opens present this one.
 
     RINGLLM_SECRET=... python -m cluster.stage_server --model smollm2 --layers 0 15 --port 50051 [--tp N]
 runs one stage by hand (the worker process does the same when the master assigns it), for
@@ -41,6 +43,7 @@ from .data_auth import AUTH_HEADER, RefusalLog, StageKeys, header
 from .stage_stream import GRPC_OPTIONS, MAX_STEP_BYTES, StreamSender
 from .step_limits import StepLimits
 from .tensor_wire import WireError, decode_step, to_proto
+from .tls import NodeTLS
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.steps_done = 0
         self.in_flight = 0
         self.refused = 0  # Steps streams refused for bad credentials (tests read it)
+        self.tls: NodeTLS | None = None  # this node's certificate for the hops it opens; None: plaintext
         self._warn = RefusalLog(log)
         self._replies: dict[tuple[str, StageKeys], StreamSender] = {}  # (reply_to, keys) -> result stream
         self._replies_lock = threading.Lock()  # not _lock: a reader thread must not wait out a step
@@ -108,7 +112,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             num_blocks,
             block_size,
             dtype,
-            StreamSender(next_hop, functools.partial(self._next_failed, keys), metadata=keys.steps_metadata())
+            StreamSender(
+                next_hop, functools.partial(self._next_failed, keys), metadata=keys.steps_metadata(), tls=self.tls
+            )
             if next_hop
             else None,
             keys,
@@ -149,7 +155,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 if len(self._replies) >= MAX_REPLY_ADDRESSES:  # drop the oldest master
                     self._replies.pop(next(iter(self._replies))).close()
                 sender = self._replies[(address, keys)] = StreamSender(
-                    address, self._reply_failed, kind="results", metadata=keys.results_metadata(self.node_id)
+                    address,
+                    self._reply_failed,
+                    kind="results",
+                    metadata=keys.results_metadata(self.node_id),
+                    tls=self.tls,
                 )
             return sender
 
@@ -263,10 +273,14 @@ def stage_limits(
     )
 
 
-def serve(servicer: StageServicer, host: str, port: int) -> tuple[grpc.Server, int]:
+def serve(
+    servicer: StageServicer, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> tuple[grpc.Server, int]:
+    """Start a stage's gRPC server on host:port (0 = any free): plaintext, or with `credentials`."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
     stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
     server.start()

@@ -20,6 +20,8 @@ import grpc
 from inference.errors import StageFailure
 from proto import stage_pb2_grpc
 
+from .tls import NodeTLS, open_channel
+
 log = logging.getLogger(__name__)
 
 # A step's tensors: 4096 tokens x 8192 hidden x 4 bytes is 128 MiB; nothing we send is larger.
@@ -56,15 +58,23 @@ class StreamSender:
     stream fails, each pending step is reported once through `on_error` and the next
     `send()` opens a fresh stream. Thread-safe."""
 
-    def __init__(self, address: str, on_error: OnError, kind: str = "steps", metadata: Sequence[tuple[str, str]] = ()):
+    def __init__(
+        self,
+        address: str,
+        on_error: OnError,
+        kind: str = "steps",
+        metadata: Sequence[tuple[str, str]] = (),
+        tls: NodeTLS | None = None,
+    ):
         """`metadata` goes with every stream this sender opens (the data plane's credentials,
-        see cluster.data_auth): once per stream, never per message."""
+        see cluster.data_auth): once per stream, never per message. `tls`: this node's
+        certificate, for a cluster whose gRPC is mutual TLS (None: plaintext)."""
         if kind not in ("steps", "results"):
             raise ValueError(f"unknown stream kind {kind!r}")
         self.address = address
         self.on_error = on_error
         self._metadata = tuple(metadata)
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = open_channel(address, tls, GRPC_OPTIONS)
         self._call = (_steps if kind == "steps" else _results)(self._channel)
         self._lock = threading.Lock()
         self._requests: queue.Queue | None = None

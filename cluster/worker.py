@@ -3,7 +3,9 @@
 It starts its gRPC stage server, joins the master over the WebSocket control channel
 (retrying forever with capped backoff), loads the layer range the master assigns (only
 those layers' weights are read), serves steps, and re-registers with what it holds when
-the master restarts, so the master can adopt it without a reload."""
+the master restarts, so the master can adopt it without a reload. When the master serves
+gRPC with TLS (app.py --tls) the worker learns it in the handshake, gets its key certified
+and serves mutual TLS from then on (cluster.stage_endpoint); no worker flag is needed."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from inference.tp_runner import start_tp
 from .control_client import ControlClient, control_url
 from .control_messages import Assign, Failed, Ready
 from .data_auth import unwrap_keys
-from .stage_server import StageServicer, serve, stage_limits
+from .stage_endpoint import StageEndpoint
+from .stage_server import StageServicer, stage_limits
 from .step_limits import StepLimits
 
 log = logging.getLogger("worker")
@@ -219,11 +222,11 @@ async def run(args: argparse.Namespace) -> int:
     node_id = args.node_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     servicer = StageServicer(node_id, args.device)
     try:
-        server, port = serve(servicer, args.host, args.grpc_port)
+        endpoint = StageEndpoint(servicer, args.host, args.grpc_port)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    address = f"{args.host}:{port}"
+    address = endpoint.address
     worker = Worker(args, servicer, address)
     log.info("worker %s: gRPC on %s, joining %s", node_id, address, ", ".join(args.master))
     client = ControlClient(
@@ -234,11 +237,13 @@ async def run(args: argparse.Namespace) -> int:
         worker.on_assign,
         worker.on_drain,
         worker.status_payload,
+        csr=endpoint.csr,
+        on_registered=endpoint.on_registered,
     )
     try:
         await client.run()
     finally:
-        server.stop(grace=1)
+        endpoint.stop(grace=1)
     return 0
 
 

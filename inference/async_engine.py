@@ -23,6 +23,8 @@ from .admission import Admission, AdmissionLimits, QueueFull, RequestTooLarge
 from .config import SamplingParams
 from .engine import Engine, RequestOutput
 from .errors import StageFailure
+from .grammar import Grammar
+from .metrics import TokenMetrics
 from .model_loop import Availability, EngineDead, EngineNotReady, EngineUnavailable, ModelLoop, Pending
 from .runner import Runner
 
@@ -139,6 +141,8 @@ class AsyncEngine:
         self._availability = Availability()
         self._loop: ModelLoop | None = None
         self._groups = itertools.count()
+        # TTFT, ITL and prompt tokens: written by the model thread, read by GET /metrics.
+        self.token_metrics = TokenMetrics()
 
     # -- lifecycle ------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
@@ -200,6 +204,7 @@ class AsyncEngine:
                 self.admission.limits.unavailable_wait_s,
                 self._retire,
                 self._on_stage_failure,
+                self.token_metrics,
             )
             self._loop.start()
 
@@ -225,12 +230,22 @@ class AsyncEngine:
         """Token ids of raw text (blocking: call it off the event loop)."""
         return self._loaded().encode(text)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat through the model's template (blocking: off the event loop)."""
-        return self._loaded().encode_chat(messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat (and its tool definitions) through the model's template
+        (blocking: off the event loop)."""
+        return self._loaded().encode_chat(messages, tools)
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """InvalidParameter naming `grammar.param` unless the grammar compiles (blocking:
+        off the event loop). A checked grammar is cached, so the model thread only copies it."""
+        self._loaded().check_grammar(grammar)
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int, param: str = "messages") -> None:
         self._loaded().check_length(num_prompt_tokens, max_tokens, param)
+
+    def validate_prompt(self, prompt_token_ids: list[int], max_tokens: int) -> None:
+        """InvalidParameter ("prompt") unless the ids are in the vocabulary and fit the context."""
+        self._loaded().validate_prompt(prompt_token_ids, max_tokens)
 
     def info(self) -> ModelInfo | None:
         """The loaded model's fixed facts; None while loading."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParameter, UnsupportedModel
+
+if TYPE_CHECKING:  # grammar.py loads llguidance: only the engine needs it at run time
+    from .grammar import Grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to report; None = no logprobs
+    grammar: Grammar | None = None  # constrained decoding: what the output must match
+    # Score the prompt too (vLLM's name): the logprob of each prompt token after the first,
+    # given those before it, with this many top alternatives; None = don't score it.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -207,8 +214,10 @@ class SamplingParams:
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be non-empty strings")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
-            bad("logprobs", "must be an integer in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
+                bad(name, "must be an integer in [0, 20]")
 
     @property
     def greedy(self) -> bool:

@@ -110,16 +110,22 @@ class StopChecker:
 
 
 def apply_chat_template(
-    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Render `messages` with the tokenizer's chat template and return the token ids."""
+    """Render `messages` (and `tools`, OpenAI's function definitions, for templates that
+    take them) with the tokenizer's chat template and return the token ids."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidParameter(
             "messages",
             "this model's tokenizer has no chat template; use /v1/completions with a plain prompt",
         )
     try:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        out = tokenizer.apply_chat_template(
+            messages, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
     except (TemplateError, ValueError, TypeError, KeyError) as e:
         # The template rejecting the messages (a bad role, a missing field) is a user error.
         raise InvalidParameter("messages", f"chat template failed: {e}") from e

@@ -5,6 +5,7 @@ which requests finished. The async wrapper (streams, abort on disconnect) builds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,11 +19,12 @@ import torch
 from .config import EngineConfig, ModelConfig, SamplingParams
 from .detokenizer import IncrementalDetokenizer, StopChecker, apply_chat_template
 from .errors import InvalidParameter
+from .grammar import Grammar, GrammarCompiler
 from .kv_cache import KVCacheManager
 from .loader import DTYPES, LoadedModel, load_model
 from .model_runner import ModelRunner
-from .runner import Runner
-from .sampler import SampleOutput, Sampler, SamplerState
+from .runner import PromptSpan, Runner, StepInputs
+from .sampler import SampleOutput, Sampler, SamplerState, score_tokens
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -34,6 +36,9 @@ _KV_DEFAULT_GIB = 1.0
 _KV_MEMORY_SHARE = 0.25
 # On CUDA the device holds little else: take this share of its free memory.
 _KV_CUDA_SHARE = 0.8
+# Prompt rows scored per LM-head call: bounds the logits held at once (256 x a 49k vocabulary
+# is 50 MB of float32) when a whole prefill chunk is scored.
+_SCORE_ROWS = 256
 
 
 @dataclass(slots=True)
@@ -48,6 +53,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[SampleOutput] = field(default_factory=list)
+    # With `prompt_logprobs`, on a request's first output only: prompt tokens 1.. scored given
+    # the tokens before them (the first prompt token has nothing to be scored against).
+    prompt_logprobs: list[SampleOutput] | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +65,8 @@ class _Request:
     detok: IncrementalDetokenizer
     stop: StopChecker
     eos: frozenset[int]
+    # Prompt tokens 1.. scored so far (prefill chunks add to it), None unless asked for.
+    prompt_scores: list[SampleOutput] | None = None
 
 
 def kv_pool_blocks(cfg: EngineConfig, mcfg: ModelConfig, num_layers: int, cuda_device: str | None = None) -> int:
@@ -139,6 +149,7 @@ class Engine:
         self.sampler = Sampler()
         self.generation_config = read_generation_config(self.loaded.path)
         self.eos_ids = _eos_ids(self.loaded, self.tokenizer, self.generation_config)
+        self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_ids)
         self._requests: dict[int, _Request] = {}
         self.num_aborted = 0
         log.info(
@@ -150,8 +161,13 @@ class Engine:
         )
 
     # -- requests ---------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return apply_chat_template(self.tokenizer, messages)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return apply_chat_template(self.tokenizer, messages, tools=tools)
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """InvalidParameter naming `grammar.param` unless it compiles for this tokenizer;
+        blocking (milliseconds; the first grammar builds the token trie, ~1 s)."""
+        self.grammars.check(grammar)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
@@ -187,10 +203,15 @@ class Engine:
         eos = frozenset() if params.ignore_eos else self.eos_ids
         req = _Request(
             seq,
-            SamplerState(params, seq.prompt_token_ids),
+            SamplerState(
+                params,
+                seq.prompt_token_ids,
+                self.grammars.matcher(params.grammar) if params.grammar is not None else None,
+            ),
             IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids),
             StopChecker(params.stop),
             eos | frozenset(params.stop_token_ids),
+            [] if params.prompt_logprobs is not None else None,
         )
         self.scheduler.add(seq)
         self._requests[seq.seq_id] = req
@@ -221,6 +242,8 @@ class Engine:
         inputs = self.runner.prepare(out.scheduled)
         hidden = self.runner.forward(inputs)
         logits = self.runner.logits(inputs, hidden) if inputs.sample_rows else None
+        for span in inputs.prompt_spans:
+            self._score_prompt(inputs, hidden, span, self._requests[out.scheduled[span.batch_idx].seq.seq_id])
         self.scheduler.postprocess(out)
         if logits is None:
             return outputs
@@ -228,6 +251,20 @@ class Engine:
         for req, sample in zip(reqs, self.sampler(logits, [r.state for r in reqs])):
             outputs.append(self._advance(req, sample))
         return outputs
+
+    def _score_prompt(self, inputs: StepInputs, hidden: torch.Tensor, span: PromptSpan, req: _Request) -> None:
+        """Score the prompt tokens `span` predicts that `req` has not scored yet (a sequence
+        preempted and recomputed runs its prompt again)."""
+        scores, prompt = req.prompt_scores, req.seq.prompt_token_ids
+        if scores is None:
+            return
+        first = len(scores) - span.position  # rows already scored in an earlier run
+        for lo in range(max(0, first), span.count, _SCORE_ROWS):
+            hi = min(lo + _SCORE_ROWS, span.count)
+            rows = list(range(span.row + lo, span.row + hi))
+            logits = self.runner.logits(dataclasses.replace(inputs, sample_rows=rows), hidden)
+            targets = prompt[span.position + lo + 1 : span.position + hi + 1]
+            scores += score_tokens(logits, targets, req.seq.params.prompt_logprobs or 0)
 
     def _advance(self, req: _Request, sample: SampleOutput) -> RequestOutput:
         seq, tok = req.seq, sample.token_id
@@ -239,7 +276,8 @@ class Engine:
             reason = "stop"
         else:
             text, hit = req.stop.feed(req.detok.add(tok))
-            if hit:
+            # A grammar that admits nothing more ends the output now, not one step later.
+            if hit or (req.state.grammar is not None and req.state.grammar.done):
                 reason = "stop"
             elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
@@ -256,6 +294,7 @@ class Engine:
             seq.num_prompt_tokens,
             len(seq.output_token_ids),
             [sample] if sample.logprob is not None else [],
+            req.prompt_scores if len(seq.output_token_ids) == 1 else None,
         )
 
     def _final(self, req: _Request, reason: str) -> RequestOutput:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .config import SamplingParams
 from .engine import Engine
 from .errors import InferenceError, InvalidParameter, StageFailure
+from .metrics import TokenMetrics
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Pending:
     group: int  # the client request it is one choice of
     t_submit: float  # time.monotonic() at admission
     seq_id: int | None = None  # set by the model thread once added
+    t_last: float | None = None  # time.monotonic() at the end of the step of its latest token
     closed: bool = False  # its stream was closed: an add still in the inbox is dropped
 
 
@@ -113,12 +115,14 @@ class ModelLoop:
         unavailable_wait_s: float,
         retire: Callable[[Runner], None],
         on_stage_failure: Callable[[StageFailure], None] | None,
+        metrics: TokenMetrics,
     ):
         self.engine = engine
         self.availability = availability
         self.unavailable_wait_s = unavailable_wait_s
         self._retire = retire
         self._on_stage_failure = on_stage_failure
+        self.metrics = metrics
         self._inbox: deque[tuple[str, Pending]] = deque()
         self._wake = threading.Event()
         self._stop = False
@@ -150,6 +154,13 @@ class ModelLoop:
         self._wake.set()
 
     # -- the thread ----------------------------------------------------------------------
+    def _measure(self, req: Pending, num_tokens: int, now: float) -> None:
+        if req.t_last is None:
+            self.metrics.first_tokens(now - req.t_submit, num_tokens, len(req.prompt))
+        else:
+            self.metrics.next_tokens(now - req.t_last, num_tokens)
+        req.t_last = now
+
     def _deliver(self, req: Pending, item) -> None:
         req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
 
@@ -178,6 +189,12 @@ class ModelLoop:
         that already streamed tokens ends with an error now; one that has produced nothing
         goes back to the queue and waits for the replacement stage."""
         self.availability.set_unavailable(f"a pipeline stage failed ({e}); waiting for the cluster to recover")
+        # Tell the cluster first: it starts looking for a replacement before anyone hears of it.
+        if self._on_stage_failure is not None:
+            try:
+                self._on_stage_failure(e)
+            except Exception:
+                log.exception("on_stage_failure failed")
         sched = self.engine.scheduler
         started = [s for s in sched.running + sched.waiting if s.output_token_ids]
         log.error("pipeline step failed: %s; failing %d requests", e, len(started))
@@ -192,11 +209,6 @@ class ModelLoop:
                 sched.num_waiting,
                 self.unavailable_wait_s,
             )
-        if self._on_stage_failure is not None:
-            try:
-                self._on_stage_failure(e)
-            except Exception:
-                log.exception("on_stage_failure failed")
 
     def _install_swap(self) -> None:
         runner = self.availability.take()
@@ -248,6 +260,7 @@ class ModelLoop:
                 except StageFailure as e:
                     self._fail_in_flight(e)
                     continue
+                now = time.monotonic()
                 for out in outputs:
                     req = self._streams.get(out.seq_id)
                     self.generated_tokens += len(out.token_ids)
@@ -255,6 +268,8 @@ class ModelLoop:
                         self._streams.pop(out.seq_id, None)
                         self.finished += 1
                     if req is not None:
+                        if out.token_ids:  # measured before delivery: a client never sees a token uncounted
+                            self._measure(req, len(out.token_ids), now)
                         self._deliver(req, out)
         except BaseException as e:  # keep serving errors, not hangs, to every waiting client
             log.exception("model loop crashed")

@@ -10,7 +10,7 @@ import torch
 from .config import LayerRange, ModelConfig
 from .layers.attention import Attention, build_metadata
 from .models.llama import LlamaForCausalLM
-from .runner import StepInputs
+from .runner import PromptSpan, StepInputs
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
@@ -60,10 +60,15 @@ class ModelRunner:
         ctx_lens: list[int] = []
         sample_rows: list[int] = []
         sample_idx: list[int] = []
+        spans: list[PromptSpan] = []
         for i in order:
             item = batch[i]
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
+            # The last prompt position predicts the first output token: that row is a sample row.
+            scored = min(end, seq.num_prompt_tokens - 1) - start
+            if seq.params.prompt_logprobs is not None and scored > 0:
+                spans.append(PromptSpan(i, len(tokens), start, scored))
             tokens += token_slice(seq, start, end)
             positions += range(start, end)
             table = seq.block_table
@@ -92,6 +97,7 @@ class ModelRunner:
             meta=meta,
             sample_rows=sample_rows,
             sample_batch_idx=sample_idx,
+            prompt_spans=spans,
         )
 
     @torch.inference_mode()

@@ -7,13 +7,25 @@ and the cluster manager never ask which kind they hold."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from .layers.attention import AttentionMetadata
 from .scheduler import ScheduledSeq
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSpan:
+    """Rows of one step whose logits score a sequence's own prompt (requests with
+    `prompt_logprobs`): flat rows `row .. row + count - 1` hold positions `position ..
+    position + count - 1`, whose logits predict prompt tokens `position + 1 ..`."""
+
+    batch_idx: int  # the sequence's index in the scheduler's batch
+    row: int
+    position: int
+    count: int
 
 
 @dataclass(slots=True)
@@ -26,6 +38,7 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: list[int]  # flat row of the last token of each sequence that needs a sample
     sample_batch_idx: list[int]  # those sequences' indices in the scheduler's batch
+    prompt_spans: list[PromptSpan] = field(default_factory=list)  # prompt rows to score
 
 
 class Runner(Protocol):

@@ -3,7 +3,10 @@
 Order of operations for one row:
   raw logits -> repetition penalty -> presence/frequency penalties   ("processed" logits;
   logprobs are reported from their log-softmax)
+  -> a constrained row's grammar mask (forbidden tokens to -inf; only those rows are touched)
   -> greedy argmax, or: / temperature -> top-k -> top-p -> min-p -> draw with the row's generator.
+Logprobs come from before the grammar mask: they are the model's, and show how far a grammar
+pushed it (vLLM reports its raw logprobs the same way).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingParams
+from .grammar import GrammarMatcher, masked_rows
 
 # Below this temperature dividing the logits overflows softmax for no benefit: treat as greedy
 # (vLLM does the same).
@@ -42,11 +46,13 @@ class SamplerState:
     uniform number per sampled step, so a seeded sequence's draws depend only on its seed and
     its own history, never on which other rows share its batch. Penalty counters cover the
     prompt plus every token passed to `observe` (the sequence's output), and are only kept
-    when a penalty is active.
+    when a penalty is active. `grammar` (constrained requests only) has consumed exactly the
+    observed tokens; it is dropped with the state when the sequence ends.
     """
 
     __slots__ = (
         "params",
+        "grammar",
         "seed",
         "num_generated",
         "generator",
@@ -56,8 +62,9 @@ class SamplerState:
         "_out_counts",
     )
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: list[int]):
+    def __init__(self, params: SamplingParams, prompt_token_ids: list[int], grammar: GrammarMatcher | None = None):
         self.params = params
+        self.grammar = grammar
         # A random seed is still recorded so an unseeded run can be reproduced from logs.
         self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
         self.num_generated = 0
@@ -79,6 +86,9 @@ class SamplerState:
         self.num_generated += 1
         if self.has_penalties:
             self._pending.append(token_id)
+        # A refused token (impossible under the mask) leaves the matcher failed: `done`.
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     def penalty_tensors(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_mask [V] bool, output_counts [V] float32), brought up to date."""
@@ -237,17 +247,37 @@ class Sampler:
         greedy = [p.temperature < _GREEDY_TEMPERATURE for p in params]
         want_logprobs = any(p.logprobs is not None for p in params)
         penalties = any(s.has_penalties for s in states)
+        constrained = [i for i, s in enumerate(states) if s.grammar is not None]
         if all(greedy) and not want_logprobs and not penalties:
             # Hot path for benchmarks: argmax is exact in any float dtype.
-            return [SampleOutput(t) for t in logits.argmax(dim=-1).tolist()]
+            token_ids: list[int] = logits.argmax(dim=-1).tolist()
+            if constrained:
+                rows = masked_rows(logits, constrained, [g for s in states if (g := s.grammar) is not None])
+                for i, t in zip(constrained, rows.argmax(dim=-1).tolist()):
+                    token_ids[i] = t
+            return [SampleOutput(t) for t in token_ids]
 
         processed = apply_penalties(logits, states) if penalties else logits.float()
-        tokens = processed.argmax(dim=-1) if any(greedy) else None
-        token_ids: list[int] = tokens.tolist() if tokens is not None else [0] * len(states)
+        # A constrained row is chosen from its masked copy; `processed` keeps the model's
+        # values for the logprobs.
+        masked: torch.Tensor | None = None
+        if constrained:
+            masked = masked_rows(processed, constrained, [g for s in states if (g := s.grammar) is not None])
+        where = {row: j for j, row in enumerate(constrained)}
+        token_ids = processed.argmax(dim=-1).tolist() if any(greedy) else [0] * len(states)
+        if masked is not None:
+            for i, t in zip(constrained, masked.argmax(dim=-1).tolist()):
+                if greedy[i]:
+                    token_ids[i] = t
         sampled = [i for i, g in enumerate(greedy) if not g]
         if sampled:
             idx = torch.tensor(sampled, dtype=torch.long, device=processed.device)
-            probs = _filter(processed.index_select(0, idx), [params[i] for i in sampled])
+            rows = processed.index_select(0, idx)
+            swap = [(k, where[i]) for k, i in enumerate(sampled) if i in where]
+            if masked is not None and swap:
+                to, src = zip(*swap)
+                rows[list(to)] = masked[list(src)]
+            probs = _filter(rows, [params[i] for i in sampled])
             draws = _draw(probs, [states[i].generator for i in sampled]).tolist()
             for i, t in zip(sampled, draws):
                 token_ids[i] = t
@@ -271,3 +301,17 @@ class Sampler:
             n = states[i].params.logprobs or 0
             outputs[i].logprob = chosen_lp[row]
             outputs[i].top_logprobs = [TokenLogprob(t, v) for t, v in zip(top_ids[row][:n], top_vals[row][:n])]
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], k: int) -> list[SampleOutput]:
+    """Each row's logprob of its target token, with the row's `k` best alternatives: how a
+    prompt is scored (`prompt_logprobs`). From the raw logits: no penalty or temperature
+    applies to tokens that were given rather than sampled (vLLM reports the same)."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = torch.tensor(targets, dtype=torch.long, device=logp.device)
+    values = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    return [
+        SampleOutput(t, v, [TokenLogprob(a, b) for a, b in zip(ids, vals)])
+        for t, v, ids, vals in zip(targets, values, top_i.tolist(), top_v.tolist())
+    ]

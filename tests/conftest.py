@@ -65,6 +65,21 @@ def port() -> int:
     return free_port()
 
 
+@pytest.fixture(scope="session")
+def expected() -> list[str]:
+    """The default model's greedy chat replies to QUESTIONS (24 tokens) from the single-process
+    engine: the reference a real cluster (test_cluster, test_tls) must equal. Float weights on
+    both sides: requests reach the cluster one by one over HTTP, so its batches differ from
+    this reference's, and only float logits leave no near-tie for that to flip (test_pipeline
+    checks a quantized split with identical batches)."""
+    from inference.config import EngineConfig, SamplingParams
+    from inference.engine import Engine
+
+    e = Engine(EngineConfig(kv_cache_gb=0.1, max_batch=8))
+    prompts = [e.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    return [text for _, text, _ in e.generate(prompts, SamplingParams(temperature=0, max_tokens=24))]
+
+
 # The data-plane secret hand-run stages and their test drivers share (see stage_plan).
 STAGE_SECRET = "test-data-plane-secret-0123456789"
 

@@ -15,9 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inference.config import EngineConfig, SamplingParams
-from inference.engine import Engine
-
 from .conftest import QUESTIONS, free_port
 
 pytestmark = pytest.mark.slow
@@ -80,17 +77,6 @@ def chat(base: str, question: str, max_tokens: int = 24) -> str:
     )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
-
-
-@pytest.fixture(scope="module")
-def expected() -> list[str]:
-    """What the single-process engine answers (the reference the cluster must equal). Float
-    weights on both sides: requests reach the cluster one by one over HTTP, so its batches
-    differ from this reference's, and only float logits leave no near-tie for that to flip
-    (test_pipeline checks a quantized split with identical batches)."""
-    e = Engine(EngineConfig(kv_cache_gb=0.1, max_batch=8))
-    prompts = [e.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    return [text for _, text, _ in e.generate(prompts, SamplingParams(temperature=0, max_tokens=24))]
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +231,72 @@ def test_killed_worker_ends_the_request_and_a_new_one_restores_service(cluster, 
     assert chat(base, QUESTIONS[1]) == expected[1]
     # The broken pipeline's gRPC channel was closed, not left to the garbage collector.
     assert "closed the stage channel of the replaced pipeline" in procs["master"].text()
+
+
+def worker(base: str, name: str, logs: Path) -> Proc:
+    """A real worker joining `base` with the test token, logging to logs/NAME.log."""
+    return Proc(
+        ["-m", "cluster.worker", "--master", base, "--join-token", TOKEN, "--node-id", name], logs / f"{name}.log"
+    )
+
+
+def test_a_killed_stage_fails_the_running_request_and_serves_the_queued_one_after_a_replacement(tmp_path, expected):
+    """Issue 12's fault test, with real processes: one batch slot, so request A runs (streaming)
+    while B waits in the queue; a stage is killed. A ends with a clear error at once; B waits,
+    is served once a replacement worker has joined and loaded, and gets the single-process text."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    master_args = ["app.py", "--no-ui", "--port", str(port), "--workers", "2", "--quant", "none"]
+    master_args += ["--join-token", TOKEN, "--kv-cache-gb", "0.1", "--max-batch", "1", "--unavailable-wait", "600"]
+    procs = {"master": Proc(master_args, tmp_path / "master.log")}
+    procs.update(w1=worker(base, "w1", tmp_path), w2=worker(base, "w2", tmp_path))
+    body = dict(
+        messages=[{"role": "user", "content": "Write a long story about a castle."}],
+        temperature=0,
+        max_tokens=400,
+        stream=True,
+    )
+    queued_body = dict(messages=[{"role": "user", "content": QUESTIONS[4]}], temperature=0, max_tokens=24)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        wait_for(lambda: healthy(base), 240, "the cluster to serve", list(procs.values()))
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for line in lines:  # A runs: a few tokens in ...
+                if line.startswith("data:") and '"content"' in line:
+                    break
+            # ... B arrives and waits for the one batch slot (a timeout long enough for a worker to load)
+            queued = pool.submit(httpx.post, f"{base}/v1/chat/completions", json=queued_body, timeout=600)
+            wait_for(lambda: (s := status(base)) and s["waiting"] == 1, 60, "B to queue", list(procs.values()))
+            assert status(base)["running"] == 1
+            procs["w2"].p.kill()
+            rest = list(lines)  # A's stream ends (the client's 60 s timeout only guards against a hang)
+            errors = [
+                e["error"]
+                for x in rest
+                if x.startswith("data:") and "[DONE]" not in x and "error" in (e := json.loads(x[5:]))
+            ]
+            assert len(errors) == 1 and errors[0]["code"] == "engine_unavailable", rest[-3:]
+            assert "stage" in errors[0]["message"], errors
+            # B has produced nothing: it is not failed with A but waits for the cluster to recover.
+            wait_for(
+                lambda: any(n["node_id"] == "w2" and n["state"] == "lost" for n in status(base)["nodes"]),
+                30,
+                "w2 to show as lost",
+                list(procs.values()),
+            )
+            s = status(base)
+            assert not queued.done() and s["waiting"] == 1 and s["running"] == 0 and not s["ready"]
+            procs["w3"] = worker(base, "w3", tmp_path)
+            reply = queued.result(timeout=600)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected[4]
+        plan = status(base)["cluster"]["plan"]
+        assert sorted(a["node_id"] for a in plan["assignments"]) == ["w1", "w3"]
+        master = procs["master"].text()
+        assert re.search(r"pipeline step failed: .*; failing 1 requests", master), master[-3000:]
+        assert "1 queued requests wait up to 600 s" in master
+    finally:
+        for p in procs.values():
+            p.stop()
+        pool.shutdown()  # after the master: B's request cannot outlive it

@@ -104,3 +104,36 @@ def completion_logprobs(samples: list[SampleOutput], texts: TokenTexts, offset: 
         offsets.append(offset)
         offset += len(token)
     return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+def prompt_logprobs(
+    token_ids: list[int], scores: list[SampleOutput] | None, texts: TokenTexts, offset: int = 0
+) -> CompletionLogprobs:
+    """An echoed prompt in the legacy shape, as OpenAI and vLLM give it: the first token has
+    no logprob (nothing before it to score it against); `scores` holds the others' (None:
+    the prompt was not scored, every logprob is null)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    scored: list[SampleOutput | None] = [None, *(scores or [])]
+    scored += [None] * (len(token_ids) - len(scored))
+    for tok, s in zip(token_ids, scored):
+        text = texts.get(tok)[0]
+        tokens.append(text)
+        lps.append(None if s is None else _clamp(s.logprob))
+        tops.append(None if s is None else {texts.get(a.token_id)[0]: _clamp(a.logprob) for a in s.top_logprobs or []})
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+
+def next_offset(lp: CompletionLogprobs, offset: int) -> int:
+    """The text offset after `lp`'s tokens (`offset` if it has none)."""
+    return lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else offset
+
+
+def join_logprobs(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=[t for p in parts for t in p.tokens],
+        token_logprobs=[v for p in parts for v in p.token_logprobs],
+        top_logprobs=[v for p in parts for v in p.top_logprobs],
+        text_offset=[v for p in parts for v in p.text_offset],
+    )

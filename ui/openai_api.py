@@ -21,12 +21,14 @@ from starlette.routing import Match
 from inference.async_engine import AsyncEngine, EngineStats
 from inference.config import SamplingParams
 from inference.engine import RequestOutput
+from inference.grammar import Grammar
 
 from .auth import bearer_ok
 from .errors import APIError, error_body, to_api_error
-from .formatting import DONE, ChatFormatter, ChoiceResult, CompletionFormatter, Formatter, Meta, sse
+from .formatting import DONE, ChatFormatter, ChoiceResult, CompletionFormatter, Echo, Formatter, Meta, sse
 from .generation import ClosingStreamingResponse, Fanout, Job, unless_disconnected
 from .logprobs import TokenTexts
+from .metrics import stream_failed
 from .schemas import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -36,6 +38,7 @@ from .schemas import (
     SamplingRequest,
     parse_request,
 )
+from .tool_calls import ChatSetup, encode_setup, prepare_chat
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -65,6 +68,15 @@ def _token_texts(request: Request, engine: AsyncEngine) -> TokenTexts:
 async def healthz(request: Request) -> JSONResponse:
     ready = _engine(request).stats().ready
     return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """vLLM's liveness probe (benchmark clients call it): 200 with an empty body once the
+    model serves, 503 before."""
+    if not _engine(request).stats().ready:
+        raise APIError(503, "The model is not ready yet.", code="model_not_ready")
+    return Response(status_code=200)
 
 
 # What /api/status shows a caller without the API key (when one is set): the queue and the
@@ -121,13 +133,40 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(
             400, "Pass max_completion_tokens or max_tokens, not two different values.", "max_tokens", "invalid_value"
         )
-    messages = [{"role": m.role, "content": m.content} for m in req.messages]
-    ids = await asyncio.to_thread(engine.encode_chat, messages)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    setup = _chat_setup(engine, req, messages)
+    ids = await asyncio.to_thread(encode_setup, engine, setup)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens or req.max_tokens
-    jobs = _jobs(engine, req, [ids], max_tokens, logprobs, "messages")
+    jobs = _jobs(engine, req, [ids], max_tokens, logprobs, "messages", grammar=setup.grammar)
     meta = _meta(request, req, "chatcmpl", len(jobs), len(ids), logprobs is not None)
-    return await _run(request, engine, jobs, ChatFormatter(meta, _token_texts(request, engine)), bool(req.stream))
+    fmt = ChatFormatter(meta, _token_texts(request, engine), setup.tools)
+    return await _run(request, engine, jobs, fmt, bool(req.stream))
+
+
+def _chat_setup(engine: AsyncEngine, req: ChatCompletionRequest, messages: list[dict]) -> ChatSetup:
+    """Tools, tool_choice and response_format checked against each other, then
+    `prepare_chat`: the template's input, the grammar, the tool-call parsing."""
+    tools = [t.to_tool() for t in req.tools or []]
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "Function names in 'tools' must be unique.", "tools", "invalid_value")
+    choice = req.tool_choice.function.name if not isinstance(req.tool_choice, str | None) else req.tool_choice
+    if choice not in (None, "none", "auto") and not tools:
+        raise APIError(400, "tool_choice requires 'tools' to be given.", "tool_choice", "invalid_value")
+    if choice not in (None, "none", "auto", "required") and choice not in names:
+        raise APIError(
+            400, f"tool_choice names function '{choice}', which is not in 'tools'.", "tool_choice", "invalid_value"
+        )
+    fmt = req.response_format
+    return prepare_chat(
+        str(engine.tokenizer.chat_template or ""),
+        messages,
+        tools,
+        choice,
+        req.parallel_tool_calls is not False,
+        fmt.content_schema() if fmt is not None else None,
+    )
 
 
 @router.post("/v1/completions")
@@ -145,10 +184,31 @@ async def completions(request: Request) -> Response:
                 "prompt" if len(req.prompt) == 1 else f"prompt[{i}]",
                 "invalid_value",
             )
-    prompts = await asyncio.to_thread(lambda: [engine.encode(p) for p in req.prompt])
-    jobs = _jobs(engine, req, prompts, req.max_tokens, req.logprobs, "prompt")
+    prompts, echoes = await asyncio.to_thread(_completion_prompts, engine, req)
+    # max_tokens 0 (scoring a prompt): the engine samples once after any prefill, and the
+    # formatter drops that token.
+    generate = req.max_tokens != 0
+    scored = req.logprobs if req.echo else None
+    jobs = _jobs(engine, req, prompts, req.max_tokens if generate else 1, req.logprobs, "prompt", scored)
     meta = _meta(request, req, "cmpl", len(jobs), sum(map(len, prompts)), req.logprobs is not None)
-    return await _run(request, engine, jobs, CompletionFormatter(meta, _token_texts(request, engine)), bool(req.stream))
+    fmt = CompletionFormatter(meta, _token_texts(request, engine), echoes, generate)
+    return await _run(request, engine, jobs, fmt, bool(req.stream))
+
+
+def _completion_prompts(engine: AsyncEngine, req: CompletionRequest) -> tuple[list[list[int]], list[Echo] | None]:
+    """Each prompt's token ids (text is tokenized, ids are checked), and with `echo` what each
+    choice repeats: a text prompt as given, token ids decoded. Blocking: off the event loop."""
+    prompts = []
+    for p in req.prompt:
+        if isinstance(p, str):
+            prompts.append(engine.encode(p))
+        else:
+            engine.validate_prompt(p, 1)
+            prompts.append(p)
+    if not req.echo:
+        return prompts, None
+    texts = [p if isinstance(p, str) else engine.tokenizer.decode(ids) for p, ids in zip(req.prompt, prompts)]
+    return prompts, [Echo(text, ids) for text, ids in zip(texts, prompts) for _ in range(req.n)]
 
 
 def _check_model(engine: AsyncEngine, name: str | None) -> None:
@@ -175,6 +235,8 @@ def _jobs(
     max_tokens: int | None,
     logprobs: int | None,
     prompt_param: str,
+    prompt_logprobs: int | None = None,
+    grammar: Grammar | None = None,
 ) -> list[Job]:
     """One job per (prompt, choice); choice j of a seeded request uses seed + j."""
 
@@ -192,6 +254,8 @@ def _jobs(
         seed=req.seed,
         stop=list(req.stop or []),
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        grammar=grammar,
         max_tokens=max_tokens or 1,
         ignore_eos=req.ignore_eos,
     )
@@ -220,6 +284,7 @@ def _meta(
         prompt_tokens=prompt_tokens,
         logprobs=logprobs,
         include_usage=req.include_usage,
+        continuous_usage=bool(req.stream_options and req.stream_options.continuous_usage_stats),
     )
 
 
@@ -236,7 +301,7 @@ async def _run(request: Request, engine: AsyncEngine, jobs: list[Job], fmt: Form
         await fan.aclose()
         raise
     return ClosingStreamingResponse(
-        _events(fan, first, fmt),
+        _events(fan, first, fmt, request),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -253,7 +318,9 @@ async def _collect(engine: AsyncEngine, jobs: list[Job]) -> list[ChoiceResult]:
     return results
 
 
-async def _events(fan: Fanout, first: tuple[int, RequestOutput] | None, fmt: Formatter) -> AsyncIterator[bytes]:
+async def _events(
+    fan: Fanout, first: tuple[int, RequestOutput] | None, fmt: Formatter, request: Request
+) -> AsyncIterator[bytes]:
     try:
         for line in fmt.start():
             yield line
@@ -268,6 +335,7 @@ async def _events(fan: Fanout, first: tuple[int, RequestOutput] | None, fmt: For
     except Exception as e:  # headers are gone: report in-band, as OpenAI and vLLM do
         err = to_api_error(e)
         log.warning("stream %s failed: %s", fmt.meta.id, e)
+        stream_failed(request.scope)
         yield sse(error_body(err))
         yield DONE
     finally:
@@ -287,7 +355,8 @@ def _json(model) -> Response:
 @router.api_route("/v1", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False)
 async def unknown_route(request: Request) -> Response:
     allowed: set[str] = set()
-    for route in router.routes:  # ours: the /v1 routes are all declared in this module
+    routes = [route for api in request.app.state.api_routers for route in api.routes]  # see ui/server.py
+    for route in routes:
         if isinstance(route, APIRoute) and route.endpoint is not unknown_route:
             match, _ = route.matches(request.scope)
             if match is Match.PARTIAL:  # the path is ours, the method is not

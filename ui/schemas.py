@@ -10,10 +10,19 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .errors import APIError, from_validation, param_path
+from .tool_schemas import ResponseFormat, ToolCallDelta, ToolCallIn, ToolCallOut, ToolChoice, ToolDefinition
 
 MAX_STOP = 4
 # The stop checker scans held-back text against every stop string on each token (quadratic in
@@ -29,14 +38,36 @@ class _Closed(BaseModel):
 
 
 class StreamOptions(_Closed):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the request's usage
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class ChatMessage(_Closed):
-    role: Literal["system", "user", "assistant"]
+    # OpenAI's newer name for system instructions: "developer" is read as "system", the role
+    # every chat template knows.
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    name: str | None = None  # a participant's name: passed to the template (most ignore it)
     # A list of {"type": "text", "text": ...} parts is flattened to one string here: the
-    # chat templates we serve concatenate `content` as text.
-    content: str
+    # chat templates we serve concatenate `content` as text. None only for an assistant
+    # message that calls tools.
+    content: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant only: the calls it made
+    tool_call_id: str | None = None  # tool only: the call this message answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, v: str) -> str:
+        return "system" if v == "developer" else v
 
     @field_validator("content", mode="before")
     @classmethod
@@ -99,16 +130,17 @@ class SamplingRequest(_Closed):
 class ChatCompletionRequest(SamplingRequest):
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "logit_bias": ({},),
-        "tools": ([],),
-        "tool_choice": ("none",),
-        "parallel_tool_calls": (),
         "functions": ([],),
         "function_call": ("none",),
-        "response_format": ({"type": "text"},),
     }
 
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
+    parallel_tool_calls: bool | None = None  # false: at most one call per reply
+    response_format: ResponseFormat | None = None  # json_object / json_schema: enforced by a grammar
     max_completion_tokens: int | None = Field(None, ge=1)
+    store: bool | None = None  # OpenAI keeps the completion for its dashboard; nothing to keep here
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -116,18 +148,31 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "logit_bias": ({},),
-        "echo": (False,),
         "best_of": (1,),
         "suffix": ("",),
     }
 
-    prompt: list[str] = Field(min_length=1)
+    # Text or token ids, one prompt or a batch: "a", ["a", "b"], [1, 2], [[1, 2], [3]].
+    prompt: list[str] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # 0 generates nothing: with echo, the prompt alone is scored (evaluation harnesses).
+    max_tokens: int | None = Field(None, ge=0)
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs)
 
-    @field_validator("prompt", mode="before")
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _one_prompt(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+    def _prompts(cls, v: Any, handler: Any) -> Any:
+        if isinstance(v, str) or (isinstance(v, list) and v and type(v[0]) is int):
+            v = [v]
+        if v == []:
+            raise PydanticCustomError("invalid_prompt", "must not be empty")
+        try:
+            return handler(v)
+        except ValidationError:  # one message, not one per member of the union
+            raise PydanticCustomError(
+                "invalid_prompt",
+                "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+            ) from None
 
 
 Req = TypeVar("Req", bound=SamplingRequest)
@@ -230,7 +275,15 @@ class ChatLogprobs(_Out):
 
 class AssistantMessage(_Out):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(_Out):
@@ -252,6 +305,7 @@ class ChatCompletion(_Out):
 class ChatDelta(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
@@ -278,8 +332,9 @@ class ChatCompletionChunk(_Out):
 
 class CompletionLogprobs(_Out):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    # None for an echoed prompt's first token: nothing comes before it to score it against.
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -1,5 +1,5 @@
-"""The FastAPI app of the master: OpenAI routes, health and status, and the ASGI layers
-around them (access log, API key, body size limit).
+"""The FastAPI app of the master: OpenAI routes, health, status and metrics, and the ASGI
+layers around them (access log, request counts, API key, body size limit).
 
 `/` is left free: the Gradio UI is mounted there by the caller."""
 
@@ -11,13 +11,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.async_engine import AsyncEngine
 
 from .auth import bearer_ok
 from .errors import APIError, error_response, install_handlers
+from .metrics import CountRequests, RequestCounts
+from .metrics import router as metrics_router
 from .openai_api import router
+from .response_store import ResponseStore
+from .responses_api import router as responses_router
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,30 @@ class ApiKeyAuth:
         await self.app(scope, receive, send)
 
 
+class ApiCors:
+    """CORS for the API (/v1/*, /health, /healthz) and nothing else (the Gradio page keeps its
+    own): preflights from `origins` ("*": any) are answered here, before the API key is
+    asked for, and every answer to such an origin says it may read it. Credentials are the
+    bearer key, never cookies, so no origin is told it may send cookies."""
+
+    def __init__(self, app: ASGIApp, origins: tuple[str, ...]):
+        self.app = app
+        self.cors = CORSMiddleware(
+            app,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],  # echoed: covers Authorization and the SDKs' x-stainless-* headers
+            max_age=600,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (_is_api(path) or path in ("/health", "/healthz")):
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 class BodyTooLarge(APIError):
     def __init__(self, limit: int):
         super().__init__(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
@@ -112,6 +141,7 @@ class BodyLimit:
 def build_app(
     engine: AsyncEngine,
     api_key: str | None = None,
+    allowed_origins: tuple[str, ...] = (),
     max_body_bytes: int = 1 << 20,
     on_startup: Callable[[], Awaitable[None]] | None = None,
     status_extra: Callable[[], dict] | None = None,
@@ -121,7 +151,9 @@ def build_app(
     (a no-op without a model yet), runs `on_startup` on the server's event loop (the
     cluster manager starts there), and shuts the engine down with the server.
     `status_extra()` adds keys (nodes, plan) to GET /api/status; with `api_key`, a caller
-    without it sees only what the status page shows anyone (no addresses, no ports)."""
+    without it sees only what the status page shows anyone (no addresses, no ports), and
+    GET /metrics answers 401 (Prometheus sends the key as a bearer token).
+    `allowed_origins`: web pages that may call the API from a browser (CORS; none by default)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -138,11 +170,22 @@ def build_app(
     app.state.status_extra = status_extra
     app.state.api_key = api_key
     app.state.created = int(time.time())
+    app.state.responses = ResponseStore()  # kept responses (the Responses API's store)
+    app.state.request_counts = RequestCounts()  # generation requests by outcome (GET /metrics)
     install_handlers(app)
-    app.include_router(router)
-    # add_middleware wraps: the last added runs first. Order: log -> auth -> body limit.
+    # The routers of the API, in order: `router` last, as its catch-all answers unknown /v1
+    # paths (a 405 lists the methods these routers take for the path).
+    app.state.api_routers = (responses_router, router)
+    for api in app.state.api_routers:
+        app.include_router(api)
+    app.include_router(metrics_router)
+    # add_middleware wraps: the last added runs first. Order: log -> count -> CORS -> auth ->
+    # body limit (a request refused for its key or size counts as an error).
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     if api_key:
         app.add_middleware(ApiKeyAuth, api_key=api_key)
+    if allowed_origins:
+        app.add_middleware(ApiCors, origins=allowed_origins)
+    app.add_middleware(CountRequests, counts=app.state.request_counts)
     app.add_middleware(AccessLog)
     return app
