@@ -174,8 +174,15 @@ class Engine:
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int, param: str = "messages") -> None:
         if num_prompt_tokens + 1 > self.max_model_len:
+            model_max = self.loaded.config.max_position
+            why = (
+                f" (the KV cache budget, --kv-cache-gb; the model allows {model_max})"
+                if self.max_model_len < model_max and self.max_model_len == self.kv.capacity_tokens
+                else ""
+            )
             raise InvalidParameter(
-                param, f"the prompt has {num_prompt_tokens} tokens; this model's context is {self.max_model_len}"
+                param,
+                f"the prompt has {num_prompt_tokens} tokens; this server's context is {self.max_model_len}{why}",
             )
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise InvalidParameter(
