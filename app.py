@@ -119,16 +119,6 @@ def _origin(value: str) -> str:
     return value.rstrip("/")
 
 
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
-
-
 def _seconds(value: str) -> float:
     try:
         x = float(value)
@@ -146,7 +136,7 @@ def add_admission(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("admission control (a refused request gets HTTP 429)")
     g.add_argument(
         "--max-queue",
-        type=_count,
+        type=cli.non_negative_int,
         default=64,
         help="requests that may wait for a batch slot (each choice of a request counts); past it, new "
         "requests get 429 with a Retry-After header",

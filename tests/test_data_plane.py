@@ -13,7 +13,6 @@ import queue
 import subprocess
 import sys
 import threading
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -21,23 +20,16 @@ import torch
 
 from cluster.control_messages import Assign, dump, parse
 from cluster.data_auth import AUTH_HEADER, NODE_HEADER, PlanAuth, RefusalLog, StageKeys, unwrap_keys, wrap_keys
-from cluster.pipeline import PipelineRunner
-from cluster.ring import ResultServer, RingClient
-from cluster.stage_server import StageServicer, serve, stage_limits
+from cluster.stage_server import StageServicer, serve
 from cluster.stage_stream import GRPC_OPTIONS, StageError
 from cluster.tensor_wire import encode_step, to_proto
-from inference.config import EngineConfig, LayerRange, SamplingParams
-from inference.engine import Engine
-from inference.loader import load_model
-from inference.model_runner import ModelRunner
 from proto import stage_pb2, stage_pb2_grpc
 
 from .conftest import ROOT
-from .tiny_models import TINY, IdTokenizer, make_tiny
+from .tiny_models import TINY
+from .tiny_ring import BLOCK, GREEDY, tiny_ring
 
-NUM_BLOCKS, BLOCK, MAX_SEQS, MAX_TOKENS = 64, 16, 8, 64  # a pool of 1,024 tokens
 HIDDEN = TINY["hidden_size"]
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -45,46 +37,8 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 def ring(tmp_path_factory):
     """Stage s1 [0, 2) → stage s2 [2, 4) → the master's result endpoint, all in this process
     on real gRPC servers; `engine` generates through them, `expected` is the single-process answer."""
-    path = str(tmp_path_factory.mktemp("tiny"))
-    make_tiny("llama-untied", path)
-    cfg = EngineConfig(model=path, max_batch=MAX_SEQS, block_size=BLOCK, max_batch_tokens=MAX_TOKENS)
-    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
-    expected = [g[0] for g in Engine(cfg, tokenizer=IdTokenizer(), num_blocks=NUM_BLOCKS).generate(prompts, GREEDY)]
-
-    plan = PlanAuth(["s1", "s2"])
-    results = ResultServer()
-    reply_to = f"127.0.0.1:{results.start('127.0.0.1', 0)}"
-    stages, servers, next_hop = {}, [], None
-    for node, (a, b) in reversed(list(zip(plan.stages, [(0, 2), (2, 4)]))):
-        loaded = load_model(path, layers=LayerRange(a, b, 4, embed=False, head=False))
-        servicer = StageServicer(node)
-        limits = stage_limits(loaded, NUM_BLOCKS, BLOCK, MAX_SEQS, MAX_TOKENS)
-        servicer.install(loaded, NUM_BLOCKS, BLOCK, "float32", next_hop, keys=plan.stage_keys(node), limits=limits)
-        server, port = serve(servicer, "127.0.0.1", 0)
-        stages[node], next_hop = servicer, f"127.0.0.1:{port}"
-        servers.append(server)
-    ends = load_model(path, layers=LayerRange(0, 0, 4, embed=True, head=True))
-    local = ModelRunner(ends.model, ends.config, ends.layers, NUM_BLOCKS, BLOCK, torch.float32, "cpu")
-    client = RingClient(next_hop, results, reply_to, plan, timeout=30)
-    engine = Engine(
-        cfg, loaded=ends, tokenizer=IdTokenizer(), num_blocks=NUM_BLOCKS, runner=PipelineRunner(local, client)
-    )
-    yield SimpleNamespace(
-        plan=plan,
-        results=results,
-        reply_to=reply_to,
-        first=next_hop,
-        stages=stages,
-        engine=engine,
-        prompts=prompts,
-        expected=expected,
-    )
-    engine.runner.close()
-    for servicer in stages.values():
-        servicer.drop()
-    for server in servers:
-        server.stop(grace=None)
-    results.stop()
+    with tiny_ring(str(tmp_path_factory.mktemp("tiny"))) as r:
+        yield r
 
 
 def generate(ring) -> list[list[int]]:

@@ -16,11 +16,9 @@ import base64
 import concurrent.futures
 import json
 import re
-from types import SimpleNamespace
 
 import grpc
 import pytest
-import torch
 import websockets
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,31 +33,16 @@ from cluster.control_messages import (
     parse,
     tls_proof,
 )
-from cluster.data_auth import PlanAuth
-from cluster.pipeline import PipelineRunner
-from cluster.ring import ResultServer, RingClient
 from cluster.stage_endpoint import StageEndpoint
-from cluster.stage_server import StageServicer, serve, stage_limits
+from cluster.stage_server import StageServicer
 from cluster.stage_stream import GRPC_OPTIONS
 from cluster.tls import TLS_NAME, ClusterCA, NodeTLS, check_issued, make_csr, new_key, open_channel
-from inference.config import EngineConfig, LayerRange, SamplingParams
-from inference.engine import Engine
-from inference.loader import load_model
-from inference.model_runner import ModelRunner
 from proto import stage_pb2, stage_pb2_grpc
 
 from .conftest import QUESTIONS, free_port
 from .test_cluster import TOKEN, Proc, chat, healthy, status, wait_for
 from .test_control import CAPACITY, Master, run
-from .tiny_models import IdTokenizer, make_tiny
-
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-NUM_BLOCKS, BLOCK = 64, 16
-
-
-def worker_tls(ca: ClusterCA, node_id: str) -> NodeTLS:
-    key = new_key()
-    return check_issued(key, ca.sign(make_csr(key, node_id), node_id), ca.ca_pem)
+from .tiny_ring import GREEDY, tiny_ring, worker_tls
 
 
 def registered(cert: str | None = None, ca: str | None = None, proof: str = "") -> Registered:
@@ -209,46 +192,8 @@ def results_stream(address: str, tls: NodeTLS | None, metadata, msg) -> grpc.Sta
 @pytest.fixture(scope="module")
 def tls_ring(tmp_path_factory):
     """Stage s1 [0, 2) → s2 [2, 4) → the master's result endpoint, every hop mutual TLS."""
-    path = str(tmp_path_factory.mktemp("tiny"))
-    make_tiny("llama-untied", path)
-    cfg = EngineConfig(model=path, max_batch=8, block_size=BLOCK, max_batch_tokens=64)
-    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
-    expected = [g[0] for g in Engine(cfg, tokenizer=IdTokenizer(), num_blocks=NUM_BLOCKS).generate(prompts, GREEDY)]
-    ca = ClusterCA()
-    plan = PlanAuth(["s1", "s2"])
-    results = ResultServer(ca.node_tls("master"))
-    reply_to = f"127.0.0.1:{results.start('127.0.0.1', 0)}"
-    stages, servers, next_hop = {}, [], None
-    for node, (a, b) in reversed(list(zip(plan.stages, [(0, 2), (2, 4)]))):
-        loaded = load_model(path, layers=LayerRange(a, b, 4, embed=False, head=False))
-        servicer = StageServicer(node)
-        servicer.tls = worker_tls(ca, node)
-        limits = stage_limits(loaded, NUM_BLOCKS, BLOCK, 8, 64)
-        servicer.install(loaded, NUM_BLOCKS, BLOCK, "float32", next_hop, keys=plan.stage_keys(node), limits=limits)
-        server, port = serve(servicer, "127.0.0.1", 0, servicer.tls.server_credentials())
-        stages[node], next_hop = servicer, f"127.0.0.1:{port}"
-        servers.append(server)
-    ends = load_model(path, layers=LayerRange(0, 0, 4, embed=True, head=True))
-    local = ModelRunner(ends.model, ends.config, ends.layers, NUM_BLOCKS, BLOCK, torch.float32, "cpu")
-    runner = PipelineRunner(local, RingClient(next_hop, results, reply_to, plan, timeout=30))
-    engine = Engine(cfg, loaded=ends, tokenizer=IdTokenizer(), num_blocks=NUM_BLOCKS, runner=runner)
-    yield SimpleNamespace(
-        ca=ca,
-        plan=plan,
-        results=results,
-        reply_to=reply_to,
-        first=next_hop,
-        stages=stages,
-        engine=engine,
-        prompts=prompts,
-        expected=expected,
-    )
-    runner.close()
-    for servicer in stages.values():
-        servicer.drop()
-    for server in servers:
-        server.stop(grace=None)
-    results.stop()
+    with tiny_ring(str(tmp_path_factory.mktemp("tiny")), ClusterCA()) as r:
+        yield r
 
 
 def test_a_ring_over_mutual_tls_gives_the_single_process_tokens(tls_ring):

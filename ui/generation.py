@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -132,3 +132,19 @@ class ClosingStreamingResponse(StreamingResponse):
             if close is not None:
                 with anyio.CancelScope(shield=True):
                     await close()
+
+
+async def event_stream(
+    request: Request, fan: Fanout, events: Callable[[tuple[int, RequestOutput] | None], AsyncIterator[str | bytes]]
+) -> ClosingStreamingResponse:
+    """A server-sent-event response of `events(first output)`. The first output is awaited
+    before the headers go out, so an error the engine raises when it admits the request is
+    still a proper HTTP error."""
+    try:
+        first = await unless_disconnected(request, fan.next())
+    except BaseException:
+        await fan.aclose()
+        raise
+    return ClosingStreamingResponse(
+        events(first), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

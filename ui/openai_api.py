@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +27,7 @@ from inference.grammar import Grammar
 from .auth import bearer_ok
 from .errors import APIError, error_body, to_api_error
 from .formatting import DONE, ChatFormatter, ChoiceResult, CompletionFormatter, Echo, Formatter, Meta, sse
-from .generation import ClosingStreamingResponse, Fanout, Job, unless_disconnected
+from .generation import Fanout, Job, event_stream, unless_disconnected
 from .logprobs import TokenTexts
 from .metrics import stream_failed
 from .schemas import (
@@ -38,7 +39,7 @@ from .schemas import (
     SamplingRequest,
     parse_request,
 )
-from .tool_calls import ChatSetup, encode_setup, prepare_chat
+from .tool_calls import ChatSetup, FunctionTool, encode_setup, prepare_chat
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -134,7 +135,10 @@ async def chat_completions(request: Request) -> Response:
             400, "Pass max_completion_tokens or max_tokens, not two different values.", "max_tokens", "invalid_value"
         )
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    setup = _chat_setup(engine, req, messages)
+    choice = req.tool_choice.function.name if not isinstance(req.tool_choice, str | None) else req.tool_choice
+    tools = [t.to_tool() for t in req.tools or []]
+    schema = req.response_format.content_schema() if req.response_format is not None else None
+    setup = chat_setup(engine, tools, choice, req.parallel_tool_calls is not False, messages, schema)
     ids = await asyncio.to_thread(encode_setup, engine, setup)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens or req.max_tokens
@@ -144,28 +148,28 @@ async def chat_completions(request: Request) -> Response:
     return await _run(request, engine, jobs, fmt, bool(req.stream))
 
 
-def _chat_setup(engine: AsyncEngine, req: ChatCompletionRequest, messages: list[dict]) -> ChatSetup:
-    """Tools, tool_choice and response_format checked against each other, then
-    `prepare_chat`: the template's input, the grammar, the tool-call parsing."""
-    tools = [t.to_tool() for t in req.tools or []]
+def chat_setup(
+    engine: AsyncEngine,
+    tools: list[FunctionTool],
+    choice: str | None,
+    parallel: bool,
+    messages: list[dict],
+    content_schema: dict[str, Any] | bool | None,
+    content_param: str = "response_format",
+) -> ChatSetup:
+    """Tools and tool_choice checked against each other, then `prepare_chat`: the
+    template's input, the grammar, the tool-call parsing (chat completions and responses)."""
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
         raise APIError(400, "Function names in 'tools' must be unique.", "tools", "invalid_value")
-    choice = req.tool_choice.function.name if not isinstance(req.tool_choice, str | None) else req.tool_choice
     if choice not in (None, "none", "auto") and not tools:
         raise APIError(400, "tool_choice requires 'tools' to be given.", "tool_choice", "invalid_value")
     if choice not in (None, "none", "auto", "required") and choice not in names:
         raise APIError(
             400, f"tool_choice names function '{choice}', which is not in 'tools'.", "tool_choice", "invalid_value"
         )
-    fmt = req.response_format
     return prepare_chat(
-        str(engine.tokenizer.chat_template or ""),
-        messages,
-        tools,
-        choice,
-        req.parallel_tool_calls is not False,
-        fmt.content_schema() if fmt is not None else None,
+        str(engine.tokenizer.chat_template or ""), messages, tools, choice, parallel, content_schema, content_param
     )
 
 
@@ -293,18 +297,7 @@ async def _run(request: Request, engine: AsyncEngine, jobs: list[Job], fmt: Form
         results = await unless_disconnected(request, _collect(engine, jobs))
         return _json(fmt.response(results))
     fan = Fanout(engine, jobs)
-    try:
-        # Wait for the first output before sending headers, so that an error the engine
-        # raises when it admits the request is still a proper HTTP error.
-        first = await unless_disconnected(request, fan.next())
-    except BaseException:
-        await fan.aclose()
-        raise
-    return ClosingStreamingResponse(
-        _events(fan, first, fmt, request),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return await event_stream(request, fan, lambda first: _events(fan, first, fmt, request))
 
 
 async def _collect(engine: AsyncEngine, jobs: list[Job]) -> list[ChoiceResult]:

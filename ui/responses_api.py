@@ -23,19 +23,18 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from inference.async_engine import AsyncEngine
 from inference.config import SamplingParams
 from inference.engine import RequestOutput
 
 from .errors import APIError, to_api_error
-from .generation import ClosingStreamingResponse, Fanout, Job, unless_disconnected
+from .generation import Fanout, Job, event_stream, unless_disconnected
 from .metrics import stream_failed
-from .openai_api import _check_model, _engine, _json, _require_ready
+from .openai_api import _check_model, _engine, _json, _require_ready, chat_setup
 from .response_draft import Draft
 from .response_store import ResponseStore, StoredResponse
 from .responses_schemas import ResponsesRequest, chat_messages
 from .schemas import parse_request
-from .tool_calls import ChatSetup, encode_setup, prepare_chat
+from .tool_calls import encode_setup
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -43,30 +42,6 @@ router = APIRouter()
 
 def _store(request: Request) -> ResponseStore:
     return request.app.state.responses
-
-
-def _setup(engine: AsyncEngine, req: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatSetup:
-    """Tools, tool_choice and text.format checked against each other, then `prepare_chat`."""
-    tools = [t.to_tool() for t in req.tools or []]
-    names = [t.name for t in tools]
-    if len(set(names)) != len(names):
-        raise APIError(400, "Function names in 'tools' must be unique.", "tools", "invalid_value")
-    choice = req.choice
-    if choice not in (None, "none", "auto") and not tools:
-        raise APIError(400, "tool_choice requires 'tools' to be given.", "tool_choice", "invalid_value")
-    if choice not in (None, "none", "auto", "required") and choice not in names:
-        raise APIError(
-            400, f"tool_choice names function '{choice}', which is not in 'tools'.", "tool_choice", "invalid_value"
-        )
-    return prepare_chat(
-        str(engine.tokenizer.chat_template or ""),
-        messages,
-        tools,
-        choice,
-        req.parallel_tool_calls is not False,
-        req.content_schema(),
-        "text.format",
-    )
 
 
 @router.post("/v1/responses")
@@ -91,7 +66,10 @@ async def create_response(request: Request) -> Response:
         history = prev.conversation
     conversation = (*history, *chat_messages(req.input))
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-    setup = _setup(engine, req, [*system, *conversation])
+    tools = [t.to_tool() for t in req.tools or []]
+    parallel = req.parallel_tool_calls is not False
+    messages = [*system, *conversation]
+    setup = chat_setup(engine, tools, req.choice, parallel, messages, req.content_schema(), "text.format")
     ids = await asyncio.to_thread(encode_setup, engine, setup)
     budget = req.max_output_tokens or max(1, engine.max_model_len - len(ids))
     engine.check_length(len(ids), budget, "input")
@@ -116,17 +94,7 @@ async def create_response(request: Request) -> Response:
         draft.end()
         keep()
         return _json(draft.response())
-    try:
-        # The first output before the headers: an error at admission is still an HTTP error.
-        first = await unless_disconnected(request, fan.next())
-    except BaseException:
-        await fan.aclose()
-        raise
-    return ClosingStreamingResponse(
-        _events(fan, first, draft, keep, request),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return await event_stream(request, fan, lambda first: _events(fan, first, draft, keep, request))
 
 
 async def _drain(fan: Fanout, draft: Draft) -> None:

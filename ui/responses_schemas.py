@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .errors import APIError, from_validation
+from .schemas import join_text_parts
 from .tool_calls import FunctionTool
 
 _TEXT_PARTS = ("input_text", "output_text")
@@ -40,27 +41,8 @@ class InputMessage(_Closed):
     @field_validator("content", mode="before")
     @classmethod
     def _flatten_parts(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        texts = []
-        for i, part in enumerate(v):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind not in _TEXT_PARTS:
-                raise PydanticCustomError(
-                    "unsupported_content",
-                    "content part {index} has type '{kind}'; only 'input_text' and 'output_text' are supported",
-                    {"index": i, "kind": str(kind)},
-                )
-            # An output_text part passed back carries its annotations (and logprobs): no effect.
-            extra = set(part) - {"type", "text", "annotations", "logprobs"}
-            if extra or not isinstance(part.get("text"), str):
-                raise PydanticCustomError(
-                    "invalid_content",
-                    "content part {index} must hold 'type' and a string 'text'",
-                    {"index": i},
-                )
-            texts.append(part["text"])
-        return "\n".join(texts)
+        # An output_text part passed back carries its annotations (and logprobs): no effect.
+        return join_text_parts(v, _TEXT_PARTS, frozenset({"annotations", "logprobs"}))
 
     def chat_message(self) -> dict[str, Any]:
         # "developer" is OpenAI's newer "system": the role every chat template knows.

@@ -33,6 +33,30 @@ MAX_TOP_LOGPROBS = 20
 _INT64 = 2**63
 
 
+def join_text_parts(v: Any, kinds: tuple[str, ...], optional: frozenset[str] = frozenset()) -> Any:
+    """A content list of text parts (of the types `kinds`, holding "type", "text" and at most
+    the `optional` keys) -> their texts joined by newlines; anything else is returned as is."""
+    if not isinstance(v, list):
+        return v
+    texts = []
+    for i, part in enumerate(v):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in kinds:
+            raise PydanticCustomError(
+                "unsupported_content",
+                "content part {index} has type '{kind}'; only {allowed} parts are supported",
+                {"index": i, "kind": str(kind), "allowed": " and ".join(f"'{k}'" for k in kinds)},
+            )
+        if not {"type", "text"} <= set(part) <= {"type", "text", *optional} or not isinstance(part["text"], str):
+            raise PydanticCustomError(
+                "invalid_content",
+                "content part {index} must hold 'type' and a string 'text'" + ("" if optional else ", nothing else"),
+                {"index": i},
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -72,25 +96,7 @@ class ChatMessage(_Closed):
     @field_validator("content", mode="before")
     @classmethod
     def _flatten_parts(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        texts = []
-        for i, part in enumerate(v):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = str(part.get("type")) if isinstance(part, dict) else type(part).__name__
-                raise PydanticCustomError(
-                    "unsupported_content",
-                    "content part {index} has type '{kind}'; only 'text' parts are supported",
-                    {"index": i, "kind": kind},
-                )
-            if set(part) != {"type", "text"} or not isinstance(part["text"], str):
-                raise PydanticCustomError(
-                    "invalid_content",
-                    "content part {index} must hold exactly 'type': 'text' and a string 'text'",
-                    {"index": i},
-                )
-            texts.append(part["text"])
-        return "\n".join(texts)
+        return join_text_parts(v, ("text",))
 
 
 class SamplingRequest(_Closed):
