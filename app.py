@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_compute(p)
     cli.add_quant(p)
     cli.add_kv_cache(p)
+    cli.add_prefix_cache(p)
     p.add_argument("--max-batch", type=cli.positive_int, default=32, help="most sequences decoded together")
     p.add_argument(
         "--max-batch-tokens",
@@ -242,6 +243,7 @@ def master_config(args: argparse.Namespace):
         attn=args.attn,
         tp=args.tp,
         quant=args.quant,
+        prefix_cache=args.prefix_cache,
     )
     if args.tp > 1:
         from inference.distributed import check_tp

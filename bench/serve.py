@@ -14,6 +14,11 @@ work). Tokens are counted from the server's usage chunk
   agg tok/s = completion tokens of the level's successful requests / wall time of the level
 Before the levels: two 1-token probes size the prompt (and warm the server up), then one
 request on the idle server gives "TTFT alone". Prints a table; writes bench/results/serve.json.
+
+--system-prompt-tokens N puts the same ~N-token system message before every request's
+distinct user prompt (many users of one assistant): with the server's prefix cache, only the
+first request computes it. The usage's prompt_tokens_details.cached_tokens gives the prompt
+tokens each level really computed.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class RequestResult:
     itl_s: float | None = None
     latency_s: float | None = None
     prompt_tokens: int | None = None
+    cached_tokens: int = 0  # of the prompt, served from the prefix cache (usage.prompt_tokens_details)
     completion_tokens: int = 0
     tokens_from_usage: bool = False
     finish_reason: str | None = None
@@ -87,6 +93,11 @@ def status_line(e) -> str:
     return f"HTTP {e.status_code}" + (f": {msg}" if msg else "")
 
 
+def system_prompt(reps: int) -> str:
+    """The shared system message of --system-prompt-tokens (the same text for every request)."""
+    return f"You are the narrator of a long story. It so far: {SENTENCE * reps}" if reps else ""
+
+
 def make_prompt(reps: int, tag: str) -> str:
     # A distinct tag first, so no two requests share a prefix a server could cache.
     return f"[{tag}] {INSTRUCTION}{SENTENCE * reps}"
@@ -104,7 +115,8 @@ async def one_request(client, args, prompt: str, max_tokens: int) -> RequestResu
             # which caps a one-process client near 2k chunks/s and would skew high levels.
             async with client.chat.completions.with_streaming_response.create(
                 model=args.model,
-                messages=[{"role": "user", "content": prompt}],
+                messages=([{"role": "system", "content": args.system}] if args.system else [])
+                + [{"role": "user", "content": prompt}],
                 max_tokens=max_tokens,
                 temperature=args.temperature,
                 stream=True,
@@ -147,6 +159,7 @@ async def one_request(client, args, prompt: str, max_tokens: int) -> RequestResu
     if usage is not None:
         r.tokens_from_usage = True
         r.completion_tokens, r.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+        r.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     else:  # no usage chunk: fall back to one token per chunk (an undercount if chunks merge tokens)
         r.completion_tokens = len(times)
     if len(times) >= 2 and r.completion_tokens >= 2:
@@ -188,6 +201,9 @@ def summarize(conc: int, results: list[RequestResult], wall: float) -> dict:
         chunk_gap_ms={f"p{q}": ms(pct(gaps, q)) for q in (50, 95, 99)} | dict(max=ms(max(gaps, default=None))),
         latency_ms={f"p{q}": ms(pct([r.latency_s for r in ok], q)) for q in (50, 95)},
         prompt_tokens=dict(min=min(prompts, default=None), max=max(prompts, default=None)),
+        # Prompt tokens the server computed (not found in its prefix cache), of how many sent.
+        prompt_tokens_sent=sum(prompts),
+        prompt_tokens_computed=sum(prompts) - sum(r.cached_tokens for r in ok if r.prompt_tokens is not None),
         short_completions=sum(r.finish_reason != "length" for r in ok),
         tokens_from_usage=all(r.tokens_from_usage for r in ok),
         errors=sorted({r.error for r in results if r.error})[:5],
@@ -199,6 +215,7 @@ def summarize(conc: int, results: list[RequestResult], wall: float) -> dict:
                 itl_ms=ms(r.itl_s),
                 latency_ms=ms(r.latency_s),
                 prompt_tokens=r.prompt_tokens,
+                cached_tokens=r.cached_tokens,
                 completion_tokens=r.completion_tokens,
                 finish_reason=r.finish_reason,
                 chunks=r.chunks,
@@ -241,7 +258,10 @@ async def size_prompt(client, args) -> int:
     else:
         per = (counts[1] - counts[0]) / (PROBE_REPS[1] - PROBE_REPS[0])
         fixed = counts[0] - per * PROBE_REPS[0]
-    return max(1, round((args.prompt_tokens - fixed) / per))
+    reps = max(1, round((args.prompt_tokens - fixed) / per))
+    if args.system_prompt_tokens:
+        args.system = system_prompt(max(1, round(args.system_prompt_tokens / per)))
+    return reps
 
 
 def direct_opener() -> urllib.request.OpenerDirector:
@@ -382,6 +402,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="approximate prompt size in tokens; the server's count is reported (default: %(default)s)",
     )
     ap.add_argument(
+        "--system-prompt-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a ~N-token system message shared by every request (one assistant, many users); "
+        "0 = none (default: %(default)s)",
+    )
+    ap.add_argument(
         "--ignore-eos",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -435,6 +463,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.url.startswith(("http://", "https://")):
         ap.error(f"--url must start with http:// or https://, got {args.url!r}")
     args.url = args.url.rstrip("/")
+    args.system = ""  # set once the prompt is sized (the sizing probes go without it)
     return args
 
 

@@ -297,7 +297,7 @@ class ClusterManager:
                         next_hop=nxt,
                         max_seqs=self.cfg.max_batch,
                         max_tokens=self.cfg.max_batch_tokens,
-                        max_context_tokens=self.num_blocks * self.cfg.block_size,
+                        max_context_tokens=self._max_context_tokens(),
                         **wrap_keys(auth.stage_keys(a.node_id), a.node_id, self.control.join_token),
                     ),
                 )
@@ -322,6 +322,14 @@ class ClusterManager:
         self._install(self._connect(by_id[order[0].node_id].grpc_address, reply_to))
         self.plan = plan
         log.info("serving through %d stage(s)", len(order))
+
+    def _max_context_tokens(self) -> int:
+        """The plan's bound on context tokens per step: the pool, unless sequences share
+        prefix blocks; then each of a full batch may reach the longest context."""
+        pool = self.num_blocks * self.cfg.block_size
+        if not self.cfg.prefix_cache:
+            return pool
+        return self.cfg.max_batch * min(pool, self.mcfg.max_position)
 
     def _reply_to(self, last: WorkerConn) -> str:
         """host:port of our result endpoint as the last stage can reach it: --advertise-host,

@@ -23,8 +23,9 @@ class StepLimits:
     max_position: int  # rotary table length: the model's longest context
     max_seqs: int  # sequences per step (the master's --max-batch)
     max_tokens: int  # new tokens per step (the master's --max-batch-tokens)
-    # Context tokens over a step's sequences: each holds its own KV blocks, so all of them
-    # fit the pool together. This bounds the attention work (sequences x context).
+    # Context tokens over a step's sequences: this bounds the attention work (sequences x
+    # context). Without prefix caching each sequence holds its own blocks, so the pool bounds
+    # it; with it, sequences share blocks and each may reach the longest context.
     max_context_tokens: int
 
     def __post_init__(self) -> None:
@@ -43,8 +44,8 @@ class StepLimits:
         max_tokens: int,
         max_context_tokens: int | None = None,
     ) -> StepLimits:
-        pool = num_blocks * block_size
-        budget = min(max_context_tokens or pool, pool)
+        widest = max_seqs * min(max_position, num_blocks * block_size)
+        budget = min(max_context_tokens or widest, widest)
         return cls(hidden_size, num_blocks, block_size, max_position, max_seqs, max_tokens, budget)
 
     @property

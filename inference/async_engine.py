@@ -24,6 +24,7 @@ from .config import SamplingParams
 from .engine import Engine, RequestOutput
 from .errors import StageFailure
 from .grammar import Grammar
+from .kv_cache import PrefixStats
 from .metrics import TokenMetrics
 from .model_loop import Availability, EngineDead, EngineNotReady, EngineUnavailable, ModelLoop, Pending
 from .runner import Runner
@@ -56,6 +57,7 @@ class EngineStats:
     generated_tokens: int
     max_model_len: int
     ready: bool
+    prefix_cache: PrefixStats | None = None  # None: off (or no model yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,4 +317,5 @@ class AsyncEngine:
             generated_tokens=loop.generated_tokens if loop else 0,
             max_model_len=e.max_model_len,
             ready=self.ready,
+            prefix_cache=e.kv.prefix_stats(),
         )

@@ -81,6 +81,16 @@ def add_kv_cache(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prefix_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="recompute every prompt in full instead of reusing the KV of prefixes seen before "
+        "(shared system prompts, earlier turns of a conversation)",
+    )
+
+
 def add_tp(p: argparse.ArgumentParser, help_extra: str = "") -> None:
     p.add_argument(
         "--tp",

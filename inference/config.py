@@ -138,6 +138,14 @@ class EngineConfig:
     # Weights: "none" (float, the parity path), "int8", "int4", or "auto" (a GGUF source keeps
     # its own precision on CPU; the command line's default). See inference/layers/quant.py.
     quant: str = "none"
+    # What runs the layers: "torch", or "mlx" (inference/mlx/: Metal on Apple silicon, CPU elsewhere).
+    backend: str = "torch"
+    # Reuse the KV of cached token prefixes (inference/prefix_cache.py); False recomputes
+    # every prompt in full (--no-prefix-cache).
+    prefix_cache: bool = True
+    # Image resize bounds of a vision model (pixels per image; None: the processor's own).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:

@@ -52,6 +52,8 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    # Prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details).
+    num_cached_tokens: int = 0
     logprobs: list[SampleOutput] = field(default_factory=list)
     # With `prompt_logprobs`, on a request's first output only: prompt tokens 1.. scored given
     # the tokens before them (the first prompt token has nothing to be scored against).
@@ -140,7 +142,7 @@ class Engine:
         block_bytes = mcfg.kv_block_bytes(len(self.loaded.layers), cfg.block_size, dtype.itemsize)
         if num_blocks is None:
             num_blocks = kv_pool_blocks(cfg, mcfg, len(self.loaded.layers))
-        self.kv = KVCacheManager(num_blocks, cfg.block_size)
+        self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.prefix_cache)
         self.max_model_len = min(cfg.max_model_len or mcfg.max_position, mcfg.max_position, self.kv.capacity_tokens)
         self.runner: Runner = runner or ModelRunner(
             self.loaded.model, mcfg, self.loaded.layers, num_blocks, cfg.block_size, dtype, cfg.device
@@ -300,6 +302,7 @@ class Engine:
             reason,
             seq.num_prompt_tokens,
             len(seq.output_token_ids),
+            seq.num_cached_tokens,
             [sample] if sample.logprob is not None else [],
             req.prompt_scores if len(seq.output_token_ids) == 1 else None,
         )
@@ -307,7 +310,14 @@ class Engine:
     def _final(self, req: _Request, reason: str) -> RequestOutput:
         seq = req.seq
         return RequestOutput(
-            seq.seq_id, req.stop.flush(), [], True, reason, seq.num_prompt_tokens, len(seq.output_token_ids)
+            seq.seq_id,
+            req.stop.flush(),
+            [],
+            True,
+            reason,
+            seq.num_prompt_tokens,
+            len(seq.output_token_ids),
+            seq.num_cached_tokens,
         )
 
     # -- convenience --------------------------------------------------------------------

@@ -214,6 +214,8 @@ class ModelLoop:
         runner = self.availability.take()
         assert runner is not None  # only the model thread takes a waiting runner
         old, self.engine.runner = self.engine.runner, runner
+        # The cached prefixes' KV lives in the old runner (or its stages): the new one has none.
+        self.engine.kv.reset_prefix_cache()
         self._retire(old)
         log.info("engine runner swapped: %s", type(runner).__name__)
 

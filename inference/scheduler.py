@@ -10,7 +10,8 @@ Pure Python (no torch, no I/O, no threads); the engine owns the step loop:
 
 The policy follows vLLM v1: one token budget per step shared by decodes and (chunked)
 prefills, running sequences first, then FCFS admission by free KV blocks, and preemption
-by recompute when the pool runs out. Two fairness rules on top, so that one client cannot
+by recompute when the pool runs out (with the prefix cache, a resumed sequence finds its own
+blocks again unless they were evicted meanwhile). Two fairness rules on top, so that one client cannot
 hold the server: the sequences of one request (its `n` choices, its prompts: one `group`)
 hold at most `max_seqs_per_group` batch slots, and while others wait for a slot a prefill
 chunk takes at most half of the step's budget, so a short request queued behind a long
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from .errors import CacheFull, InvalidParameter
 from .kv_cache import KVCacheManager, blocks_for_tokens
+from .prefix_cache import Match
 from .sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ class Scheduler:
     Invariants:
     - every live sequence is in exactly one of `waiting` (status WAITING, no blocks,
       `num_computed_tokens == 0`) or `running` (status RUNNING); finished ones are in neither;
-    - only running sequences own KV blocks, so freeing every running sequence empties the pool;
+    - only running sequences hold KV blocks, so freeing every running sequence leaves the pool
+      free or cached (the prefix tree's blocks stay until evicted);
     - `len(running) <= max_batch`, and no step schedules more than `max_batch_tokens` tokens;
     - `running` is ordered by admission, so its tail is the preemption victim;
     - no group ever holds more than `max_seqs_per_group` running sequences (preemption only
@@ -154,9 +157,12 @@ class Scheduler:
     def requeue_running(self) -> None:
         """Put every running sequence back at the front of the queue, in admission order,
         with its blocks freed: the runner lost their KV (a stage died), and they start over
-        (prompt + output, as after a preemption) once a new runner is in place."""
+        (prompt + output, as after a preemption) once a new runner is in place. The cached
+        prefixes went with that KV, so the tree is emptied too."""
         while self._running:
             self._preempt_last()
+        if dropped := self.kv.reset_prefix_cache():
+            logger.info("prefix cache cleared: %d blocks of KV were lost with the runner", dropped)
 
     def _end(self, seq: Sequence, reason: str) -> None:
         if seq.status is SequenceStatus.RUNNING:
@@ -198,7 +204,7 @@ class Scheduler:
                 continue
             if seq.num_uncomputed_tokens == 1:
                 decodes_left -= 1
-            n = self._chunk(seq, budget - decodes_left, others_wait)
+            n = self._chunk(seq.num_uncomputed_tokens, budget - decodes_left, others_wait)
             if n <= 0:  # nothing to compute (no token appended yet), or no room left for a chunk
                 i += 1
                 continue
@@ -224,7 +230,11 @@ class Scheduler:
         """Admit waiting sequences FCFS: when one does not fit in the pool, nothing behind it
         jumps ahead (a long prompt is never starved by a stream of short ones). A sequence
         whose group holds its share of slots is passed over, not waited for: it starts when
-        one of its siblings finishes, and the requests behind it start now."""
+        one of its siblings finishes, and the requests behind it start now. With the prefix
+        cache, a sequence starts from its longest cached prefix, which costs neither budget
+        nor new blocks, and one whose next blocks another sequence is computing right now
+        waits for them (the `n` choices of a request, or users arriving together behind one
+        system prompt, compute the shared prompt once instead of each computing it)."""
         for seq in list(self._waiting):
             if budget <= 0 or len(self._running) >= self.max_batch:
                 return
@@ -234,11 +244,17 @@ class Scheduler:
                 continue
             if seq.group is not None and held[seq.group] >= self.max_seqs_per_group:
                 continue
-            n = self._chunk(seq, budget, len(self._waiting) > 1 and len(self._running) + 1 < self.max_batch)
-            if not self.kv.can_allocate(seq, n):
+            match = self.kv.match(seq)
+            if self.kv.tree is not None and self._prefix_in_flight(seq, match):
+                continue
+            hit = len(match.nodes) * self.kv.block_size
+            others_wait = len(self._waiting) > 1 and len(self._running) + 1 < self.max_batch
+            n = self._chunk(seq.num_tokens - hit, budget, others_wait)
+            if not self.kv.can_allocate(seq, hit + n, match):
                 return
             self._waiting.remove(seq)
-            self.kv.allocate(seq, n)
+            self.kv.adopt(seq, match)
+            self.kv.allocate(seq, hit + n)
             seq.status = SequenceStatus.RUNNING
             self._running.append(seq)
             if seq.group is not None:
@@ -246,10 +262,27 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
 
-    def _chunk(self, seq: Sequence, budget: int, others_wait: bool) -> int:
-        """Tokens of `seq` to compute this step. While others could start, a prefill chunk
-        leaves them half of the step (a decode is one token anyway)."""
-        n = min(seq.num_uncomputed_tokens, budget)
+    def _prefix_in_flight(self, seq: Sequence, match: Match) -> bool:
+        """A running sequence is computing the block `seq` needs right after its cached prefix
+        `match` (same tokens after the same prefix): once it has, `seq` finds that block,
+        and maybe more, in the cache instead of computing it a second time."""
+        bs, m = self.kv.block_size, len(match.nodes)
+        if (m + 1) * bs > seq.num_tokens - 1:  # no further block of `seq` could come from the cache
+            return False
+        want = seq.all_token_ids[m * bs : (m + 1) * bs]
+        end = match.nodes[-1] if match.nodes else None
+        return any(
+            s.num_computed_tokens // bs == m
+            and s.num_prompt_tokens >= (m + 1) * bs
+            and self.kv.cached_path_end(s) is end
+            and s.prompt_token_ids[m * bs : (m + 1) * bs] == want
+            for s in self._running
+        )
+
+    def _chunk(self, uncomputed: int, budget: int, others_wait: bool) -> int:
+        """Tokens to compute this step of a sequence with `uncomputed` left. While others
+        could start, a prefill chunk leaves them half of the step (a decode is one token anyway)."""
+        n = min(uncomputed, budget)
         if n > 1 and others_wait:
             n = min(n, max(1, self.max_batch_tokens // 2))
         return n
@@ -260,6 +293,7 @@ class Scheduler:
         for s in out.scheduled:
             if s.seq.status is SequenceStatus.RUNNING:
                 s.seq.num_computed_tokens += s.num_new_tokens
+                self.kv.cache_computed(s.seq)
 
     def _exceeds_pool(self, seq: Sequence) -> bool:
         # Computing all of its tokens would need more than every block of the pool, so it

@@ -34,6 +34,8 @@ class Sequence:
     # The request it belongs to (the n choices of one API request share it); the scheduler
     # caps the batch slots one group holds. None: a group of its own.
     group: int | None = None
+    # Prompt tokens whose KV came from the prefix cache at admission (shown to the user).
+    num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +186,25 @@ def test_chat_usage_matches_tokenizer(client, tokenizer):
     # The generated tokens, re-spelled from their bytes, are the text.
     raw = b"".join(bytes(t.bytes) for t in choice.logprobs.content)
     assert raw.decode() == choice.message.content
+
+
+def test_a_repeated_prompt_comes_from_the_prefix_cache(client, server):
+    messages = [
+        {"role": "system", "content": f"Session {uuid.uuid4().hex}. You answer in one word. " * 4},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    first = _chat(client, messages=messages, temperature=0, max_tokens=4)
+    again = _chat(client, messages=messages, temperature=0, max_tokens=4)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # a system prompt never seen before
+    # Every full 16-token block of the prompt but the one holding its last token (which runs for logits).
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (first.usage.prompt_tokens - 1) // 16 * 16 > 0
+    assert again.choices[0].message.content == first.choices[0].message.content
+    prefix = _status(server)["prefix_cache"]
+    assert prefix["hit_tokens"] >= cached and 0 < prefix["hit_rate"] <= 1 and prefix["cached_blocks"] > 0
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    hits = re.search(r"^ringllm_prefix_cache_hits_total (\d+)", metrics, re.M)
+    assert hits and int(hits.group(1)) >= cached
 
 
 def test_chat_stream_equals_whole(client):

@@ -225,6 +225,8 @@ def test_stage_failure_ends_running_requests_and_queued_ones_wait_for_the_replac
             assert not queued.done() and not late.done()
             st = aeng.stats()
             assert (st.running, st.kv_blocks_used) == (0, 0)
+            # The cached prefixes' KV died with the stage: none may be reused by the replacement.
+            assert st.prefix_cache is not None and st.prefix_cache.cached_blocks == 0
             aeng.swap_runner(original)  # the cluster found a replacement stage
             got = await asyncio.wait_for(asyncio.gather(queued, late), 60)
             await wait_idle(aeng)

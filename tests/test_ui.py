@@ -421,6 +421,9 @@ def test_regenerate_replaces_the_last_reply(page):
     seen.add(new)
     assert seen - {old[-1]}, "the last reply was not re-streamed"
     assert new != old[-1]  # temperature 1 with a random seed: another answer
+    # The same history again: its KV came from the prefix cache, and the reply says so.
+    meta = page.locator(f"{BOT} .msg-meta").last.inner_text()
+    assert re.search(r"· \d+ tokens from cache", meta), meta
 
 
 @pytest.mark.slow
@@ -431,6 +434,7 @@ def test_nodes_tab_shows_the_master_and_screenshots(page):
     assert "master" in text and "0-30" in text and "torch / cpu" in text and "smollm2" in text
     summary = page.inner_text("#model-summary").upper()
     assert "KV BLOCKS USED / FREE" in summary and "QUEUED" in summary and "RUNNING" in summary
+    assert re.search(r"\d+% HIT · \S+ TOKENS REUSED · \S+ CACHED · \d+ EVICTED", summary), summary
     screenshots(page, "nodes")
     page.click("#tab-chat-button")
     # Offline by construction: nothing but this server was ever requested (no CDN, fonts, analytics).

@@ -33,9 +33,13 @@ def worker_tls(ca: ClusterCA, node_id: str) -> NodeTLS:
 
 
 @contextmanager
-def tiny_ring(path: str, ca: ClusterCA | None = None) -> Iterator[SimpleNamespace]:
+def tiny_ring(
+    path: str, ca: ClusterCA | None = None, max_context_tokens: int | None = NUM_BLOCKS * BLOCK
+) -> Iterator[SimpleNamespace]:
     """The ring in folder `path` (a tiny model is written there); every hop mutual TLS
-    certified by `ca` when one is given, plaintext otherwise."""
+    certified by `ca` when one is given, plaintext otherwise. The stages accept at most
+    `max_context_tokens` over a step's sequences (None: as many as sequences sharing
+    prefixes can reach)."""
     make_tiny("llama-untied", path)
     cfg = EngineConfig(model=path, max_batch=MAX_SEQS, block_size=BLOCK, max_batch_tokens=MAX_TOKENS)
     prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
@@ -49,7 +53,7 @@ def tiny_ring(path: str, ca: ClusterCA | None = None) -> Iterator[SimpleNamespac
         loaded = load_model(path, layers=LayerRange(a, b, 4, embed=False, head=False))
         servicer = StageServicer(node)
         servicer.tls = worker_tls(ca, node) if ca else None
-        limits = stage_limits(loaded, NUM_BLOCKS, BLOCK, MAX_SEQS, MAX_TOKENS)
+        limits = stage_limits(loaded, NUM_BLOCKS, BLOCK, MAX_SEQS, MAX_TOKENS, max_context_tokens)
         servicer.install(loaded, NUM_BLOCKS, BLOCK, "float32", next_hop, keys=plan.stage_keys(node), limits=limits)
         creds = servicer.tls.server_credentials() if servicer.tls else None
         server, port = serve(servicer, "127.0.0.1", 0, creds)

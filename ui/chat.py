@@ -73,6 +73,7 @@ class Exchange:
     reply: str = ""
     error: str | None = None
     tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens (the history) whose KV the prefix cache held
     ttft_s: float | None = None
     tok_s: float | None = None
     finish: str | None = None  # engine finish reason; "stopped" when the user pressed Stop
@@ -84,6 +85,8 @@ class Exchange:
         parts = [f"{self.tokens} tokens"]
         if self.ttft_s is not None:
             parts.append(f"first token {self.ttft_s:.2f} s")
+        if self.cached_tokens:
+            parts.append(f"{self.cached_tokens} tokens from cache")
         if self.tok_s is not None:
             parts.append(f"{self.tok_s:.1f} tok/s")
         if self.finish == "length":
@@ -273,6 +276,7 @@ class ChatController:
                     t_last = now
                 ex.reply += out.text
                 ex.tokens = out.num_output_tokens
+                ex.cached_tokens = out.num_cached_tokens
                 if out.finished:
                     ex.finish = out.finish_reason
                 # Decode rate after the first token: prefill time is already in ttft.

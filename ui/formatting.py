@@ -33,6 +33,7 @@ from .schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    PromptTokensDetails,
     Usage,
 )
 from .tool_calls import ToolPlan, finish_reason
@@ -53,6 +54,7 @@ class ChoiceResult:
 
     text: list[str] = field(default_factory=list)
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[SampleOutput] = field(default_factory=list)
     prompt_logprobs: list[SampleOutput] | None = None  # the prompt scored (echo with logprobs)
@@ -60,6 +62,7 @@ class ChoiceResult:
     def add(self, out: RequestOutput) -> None:
         self.text.append(out.text)
         self.num_output_tokens = out.num_output_tokens
+        self.num_cached_tokens = out.num_cached_tokens
         self.logprobs += out.logprobs
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
@@ -74,6 +77,7 @@ class Meta:
     model: str
     num_choices: int
     prompt_tokens: int  # the templated prompt(s), counted once per prompt (not per choice)
+    choices_per_prompt: int  # `n`: choice i answers prompt i // n
     logprobs: bool  # whether the request asked for logprobs
     include_usage: bool = False  # streams only: a last chunk with `usage` and no choices
     continuous_usage: bool = False  # streams only: every chunk carries the usage so far
@@ -84,15 +88,24 @@ class _Formatter:
         self.meta = meta
         self.texts = texts
         self._completion_tokens = [0] * meta.num_choices
+        self._cached_tokens = [0] * meta.num_choices
 
-    def usage(self, completion_tokens: int | None = None) -> Usage:
+    def usage(self, completion_tokens: int | None = None, cached: list[int] | None = None) -> Usage:
         done = sum(self._completion_tokens) if completion_tokens is None else completion_tokens
+        # A prompt counts once: it was computed unless every one of its choices found it cached
+        # (the first choice computes it, its siblings reuse that).
+        cached, n = cached or self._cached_tokens, self.meta.choices_per_prompt
+        from_cache = sum(min(cached[i : i + n]) for i in range(0, len(cached), n))
         return Usage(
-            prompt_tokens=self.meta.prompt_tokens, completion_tokens=done, total_tokens=self.meta.prompt_tokens + done
+            prompt_tokens=self.meta.prompt_tokens,
+            completion_tokens=done,
+            total_tokens=self.meta.prompt_tokens + done,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=from_cache),
         )
 
     def _track(self, index: int, out: RequestOutput) -> None:
         self._completion_tokens[index] = out.num_output_tokens
+        self._cached_tokens[index] = out.num_cached_tokens
 
     def _usage_so_far(self, usage: Usage | None) -> Usage | None:
         return self.usage() if usage is None and self.meta.continuous_usage else usage
@@ -184,7 +197,7 @@ class ChatFormatter(_Formatter):
             created=m.created,
             model=m.model,
             choices=choices,
-            usage=self.usage(sum(r.num_output_tokens for r in results)),
+            usage=self.usage(sum(r.num_output_tokens for r in results), [r.num_cached_tokens for r in results]),
         )
 
 
@@ -268,7 +281,8 @@ class CompletionFormatter(_Formatter):
             reason = r.finish_reason if self._generate else "length"
             choices.append(CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=lp))
         used = sum(r.num_output_tokens for r in results) if self._generate else 0
-        return Completion(id=m.id, created=m.created, model=m.model, choices=choices, usage=self.usage(used))
+        usage = self.usage(used, [r.num_cached_tokens for r in results])
+        return Completion(id=m.id, created=m.created, model=m.model, choices=choices, usage=usage)
 
 
 Formatter = ChatFormatter | CompletionFormatter

@@ -15,6 +15,8 @@ What is shown:
   requests that reached a first token) and tokens generated.
 - `ringllm_requests_waiting`, `ringllm_requests_running`: engine requests (one per choice)
   queued and in the batch; `ringllm_kv_cache_*`: KV cache blocks in use, of how many.
+- `ringllm_prefix_cache_*` (unless --no-prefix-cache): tokens looked up and found (hits, as
+  vLLM counts them: in tokens), the hit ratio, blocks cached now and blocks evicted.
 - `ringllm_time_to_first_token_seconds`, `ringllm_inter_token_latency_seconds`: histograms,
   measured where tokens are made (inference/metrics.py).
 
@@ -261,6 +263,20 @@ def render(
     total = stats.kv_blocks_total
     usage = stats.kv_blocks_used / total if total else 0.0
     out.gauge("ringllm_kv_cache_usage_ratio", "KV cache blocks in use, as a fraction of the pool (0 to 1).", usage)
+    if (prefix := stats.prefix_cache) is not None:
+        out.counter(
+            "ringllm_prefix_cache_queries_total",
+            "Tokens of admitted sequences looked up in the prefix cache.",
+            prefix.lookup_tokens,
+        )
+        out.counter(
+            "ringllm_prefix_cache_hits_total",
+            "Of those, tokens whose KV came from the cache (not computed).",
+            prefix.hit_tokens,
+        )
+        out.counter("ringllm_prefix_cache_evicted_blocks_total", "Cached KV blocks evicted.", prefix.evicted_blocks)
+        out.gauge("ringllm_prefix_cache_blocks", "KV blocks holding cached prefixes now.", prefix.cached_blocks)
+        out.gauge("ringllm_prefix_cache_hit_ratio", "Hit tokens over looked-up tokens since start.", prefix.hit_rate)
     out.histogram(
         "ringllm_time_to_first_token_seconds",
         "Seconds from admission to the end of the step that made a request's first token.",

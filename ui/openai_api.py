@@ -98,7 +98,10 @@ def public_status(body: dict) -> dict:
 
 @router.get("/api/status")
 async def status(request: Request) -> JSONResponse:
-    body = dataclasses.asdict(_engine(request).stats())
+    stats = _engine(request).stats()
+    body = dataclasses.asdict(stats)
+    if stats.prefix_cache is not None:
+        body["prefix_cache"]["hit_rate"] = round(stats.prefix_cache.hit_rate, 4)
     if request.app.state.status_extra is not None:
         body.update(request.app.state.status_extra())
     key = request.app.state.api_key
@@ -286,6 +289,7 @@ def _meta(
         model=_engine(request).model_name,
         num_choices=num_choices,
         prompt_tokens=prompt_tokens,
+        choices_per_prompt=req.n,
         logprobs=logprobs,
         include_usage=req.include_usage,
         continuous_usage=bool(req.stream_options and req.stream_options.continuous_usage_stats),

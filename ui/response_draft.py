@@ -15,6 +15,7 @@ from .errors import APIError
 from .responses_schemas import (
     FunctionCallItem,
     IncompleteDetails,
+    InputTokensDetails,
     OutputMessage,
     OutputText,
     ResponseError,
@@ -40,6 +41,7 @@ class Draft:
         self.created_at = int(time.time())
         self.model = model
         self.input_tokens = input_tokens
+        self.cached_tokens = 0  # of the input, found in the prefix cache
         self.output_tokens = 0
         self.finish_reason: str | None = None
         self.sequence_number = 0
@@ -81,6 +83,7 @@ class Draft:
             user=req.user,
             usage=ResponseUsage(
                 input_tokens=self.input_tokens,
+                input_tokens_details=InputTokensDetails(cached_tokens=self.cached_tokens),
                 output_tokens=self.output_tokens,
                 total_tokens=self.input_tokens + self.output_tokens,
             )
@@ -113,6 +116,7 @@ class Draft:
     def add(self, out: RequestOutput) -> list[bytes]:
         """Take one engine output; returns the events it makes."""
         self.output_tokens = out.num_output_tokens
+        self.cached_tokens = out.num_cached_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
         if self._parser is None:

@@ -79,6 +79,7 @@ class ModelSummary:
     running: int
     kv_used: int
     kv_free: int
+    prefix: str  # the prefix cache: hit rate, cached tokens, evictions ("off" when disabled)
     tok_s: float | None
     nodes: int
 
@@ -96,9 +97,24 @@ def summarize(stats: EngineStats, nodes: list[NodeInfo], master_id: str | None) 
         stats.running,
         stats.kv_blocks_used,
         stats.kv_blocks_free,
+        prefix_summary(stats),
         master.tok_s if master is not None else None,
         len(mine),
     )
+
+
+def prefix_summary(stats: EngineStats) -> str:
+    p = stats.prefix_cache
+    if p is None:
+        return "off"
+    return (
+        f"{p.hit_rate:.0%} hit · {fmt_count(p.hit_tokens)} tokens reused · "
+        f"{fmt_count(p.cached_tokens)} cached · {p.evicted_blocks} evicted"
+    )
+
+
+def fmt_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.1f}k" if n >= 10**4 else str(n)
 
 
 def summary_html(summaries: list[ModelSummary]) -> str:
@@ -110,6 +126,7 @@ def summary_html(summaries: list[ModelSummary]) -> str:
             ("queued", s.waiting),
             ("running", s.running),
             ("KV blocks used / free", f"{s.kv_used} / {s.kv_free}"),
+            ("prefix cache", s.prefix),
             ("tok/s", rate),
             ("nodes", s.nodes),
         ]
