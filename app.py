@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_quant(p)
     cli.add_kv_cache(p)
     cli.add_prefix_cache(p)
+    cli.add_images(p)
     p.add_argument("--max-batch", type=cli.positive_int, default=32, help="most sequences decoded together")
     p.add_argument(
         "--max-batch-tokens",
@@ -231,6 +232,7 @@ def master_config(args: argparse.Namespace):
     from cluster.master import MasterConfig
     from inference.admission import AdmissionLimits
     from inference.config import EngineConfig
+    from ui.images import ImageLimits
 
     engine = EngineConfig(
         model=args.model,
@@ -244,6 +246,8 @@ def master_config(args: argparse.Namespace):
         tp=args.tp,
         quant=args.quant,
         prefix_cache=args.prefix_cache,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
     )
     if args.tp > 1:
         from inference.distributed import check_tp
@@ -267,6 +271,7 @@ def master_config(args: argparse.Namespace):
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         ui=not args.no_ui,
+        images=ImageLimits(allow_remote=args.allow_remote_images, max_bytes=args.max_image_mb << 20),
         limits=AdmissionLimits(
             max_queue=args.max_queue,
             max_n=args.max_n,

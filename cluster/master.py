@@ -26,6 +26,7 @@ from inference.admission import AdmissionLimits
 from inference.async_engine import AsyncEngine
 from inference.config import EngineConfig, LayerRange
 from inference.errors import InferenceError, StageFailure
+from ui.images import ImageLimits
 
 from .control import ControlServer
 from .control_guard import exposure_error
@@ -59,6 +60,7 @@ class MasterConfig:
     heartbeat_timeout: float = 5.0
     ui: bool = True
     limits: AdmissionLimits = field(default_factory=AdmissionLimits)  # admission control, queue waits
+    images: ImageLimits = field(default_factory=ImageLimits)  # pictures in chat requests (vision models)
 
     def __post_init__(self) -> None:
         if reason := exposure_error(self.host, self.join_token, self.insecure):
@@ -128,6 +130,7 @@ class Master:
             allowed_origins=self.cfg.allowed_origins,
             on_startup=self._on_startup,
             status_extra=self.status_extra,
+            image_limits=self.cfg.images,
         )
         app.add_api_websocket_route("/ws/worker", self.control.handle)
         if self.cfg.ui:

@@ -40,7 +40,8 @@ class PipelineRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        embedded = self.local.embed(inputs.token_ids)
+        # The vision tower runs here, with the embedding: stages get hidden states and [3, T] positions.
+        embedded = self.local.embed_inputs(inputs) if inputs.images else self.local.embed(inputs.token_ids)
         meta = inputs.meta
         req = encode_step(
             0,

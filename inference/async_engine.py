@@ -27,6 +27,7 @@ from .grammar import Grammar
 from .kv_cache import PrefixStats
 from .metrics import TokenMetrics
 from .model_loop import Availability, EngineDead, EngineNotReady, EngineUnavailable, ModelLoop, Pending
+from .multimodal import ImageInputs
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class ModelInfo:
     max_model_len: int
     generation_config: dict[str, Any]  # the model's generation_config.json ({} if none)
     quant: str  # how this process holds its weights: "none", "int8" or "int4"
+    # The vision tower's weights in this process (it runs where the embedding is: the
+    # master); 0 for a text-only model.
+    vision_bytes: int = 0
 
 
 class RequestStream:
@@ -237,6 +241,18 @@ class AsyncEngine:
         (blocking: off the event loop)."""
         return self._loaded().encode_chat(messages, tools)
 
+    @property
+    def has_vision(self) -> bool:
+        """Whether the model reads images (False while none is loaded)."""
+        return self._engine is not None and self._engine.image_prompter is not None
+
+    def encode_chat_images(
+        self, messages: list[dict], images: list[Any], tools: list[dict] | None = None
+    ) -> tuple[list[int], ImageInputs]:
+        """A chat with pictures ({"type": "image"} parts, one per PIL image): the expanded
+        prompt and its ImageInputs; InvalidParameter for a model without vision (blocking)."""
+        return self._loaded().encode_chat_images(messages, images, tools)
+
     def check_grammar(self, grammar: Grammar) -> None:
         """InvalidParameter naming `grammar.param` unless the grammar compiles (blocking:
         off the event loop). A checked grammar is cached, so the model thread only copies it."""
@@ -263,13 +279,17 @@ class AsyncEngine:
             max_model_len=e.max_model_len,
             generation_config=e.generation_config,
             quant=e.loaded.quant,
+            vision_bytes=e.vision_bytes,
         )
 
     # -- requests ---------------------------------------------------------------------------
-    def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+    def submit(
+        self, requests: list[tuple[list[int], SamplingParams]], images: ImageInputs | None = None
+    ) -> list[RequestStream]:
         """Queue the choices of one client request together (call it on the event loop):
         all are admitted or none. Raises EngineDead, EngineNotReady (still loading),
-        InvalidParameter (a prompt), RequestTooLarge or QueueFull (admission)."""
+        InvalidParameter (a prompt), RequestTooLarge or QueueFull (admission). `images`: the
+        pictures of the prompt every request shares (one chat request's n choices)."""
         loop = self._loop
         if loop is not None and loop.error is not None:
             raise EngineDead(f"the model loop stopped: {loop.error}")
@@ -285,15 +305,17 @@ class AsyncEngine:
         group, now, event_loop = next(self._groups), time.monotonic(), asyncio.get_running_loop()
         streams = []
         for ids, params in requests:
-            req = Pending(list(ids), params, asyncio.Queue(), event_loop, group, now)
+            req = Pending(list(ids), params, asyncio.Queue(), event_loop, group, now, images=images)
             streams.append(RequestStream(self.admission, loop, req))
             loop.post("add", req)
         return streams
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, images: ImageInputs | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; the last one has `finished` set. Leaving the
         iteration early (break, aclose, cancellation) aborts the request."""
-        stream = self.submit([(prompt_token_ids, params)])[0]
+        stream = self.submit([(prompt_token_ids, params)], images)[0]
         try:
             async for out in stream:
                 yield out

@@ -108,3 +108,33 @@ def add_log_level(p: argparse.ArgumentParser) -> None:
 
 def setup_logging(level: str, **kw) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, **kw)
+
+
+def add_images(p: argparse.ArgumentParser) -> None:
+    """How a vision model's pictures are read (the master only: stages never see pixels)."""
+    p.add_argument(
+        "--min-pixels",
+        type=positive_int,
+        default=None,
+        help="vision models: smaller pictures are upscaled to about this many pixels (unset: the model's own)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=28 * 28 * 1280,
+        help="vision models: larger pictures are downscaled to about this many pixels, which bounds the "
+        "image tokens per picture (pixels / 784 for Qwen2-VL: 1280 by default; Qwen2-VL's own setting, "
+        "12845056, would let one photo take 16384 tokens)",
+    )
+    p.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="let chat requests name pictures by http(s) URL, fetched by this server (timeout, size cap, "
+        "public addresses only); without it only data: URLs are read",
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=positive_int,
+        default=8,
+        help="largest picture a request may send, encoded (a data: URL's request body may be 4/3 of it)",
+    )

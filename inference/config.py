@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParameter, UnsupportedModel
+from .vision_config import VisionConfig
 
 if TYPE_CHECKING:  # grammar.py loads llguidance: only the engine needs it at run time
     from .grammar import Grammar
@@ -33,6 +34,10 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Multimodal rotary (Qwen2-VL): rotary frequency pairs per position axis (temporal,
+    # height, width); None for plain 1-D RoPE.
+    mrope_section: tuple[int, ...] | None = None
+    vision: VisionConfig | None = None  # the vision tower, if the model sees images
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -42,6 +47,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        vision = VisionConfig.from_hf(cfg) if "vision_config" in cfg else None
+        if isinstance(cfg.get("text_config"), dict):
+            # transformers 5 nests a multimodal model's decoder settings; hub files keep them flat.
+            cfg = {**cfg, **cfg["text_config"], "architectures": cfg.get("architectures")}
         archs = cfg.get("architectures") or []
         if not archs:
             # GGUF-derived configs name only the model_type.
@@ -54,8 +63,9 @@ class ModelConfig:
         rope = dict(cfg.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
-            scaling = None
+        mrope = rope.get("mrope_section") or (scaling or {}).get("mrope_section")
+        if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default", "mrope"):
+            scaling = None  # M-RoPE's frequencies are the default ones, split over 3 axes
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -75,6 +85,8 @@ class ModelConfig:
             rope_scaling=dict(scaling) if scaling else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            mrope_section=tuple(mrope) if mrope else None,
+            vision=vision,
         )
 
     def kv_block_bytes(self, num_layers: int, block_size: int, dtype_bytes: int) -> int:
@@ -159,6 +171,11 @@ class EngineConfig:
         for name in ("block_size", "max_batch", "max_batch_tokens", "tp"):
             if getattr(self, name) < 1:
                 raise InvalidParameter(name, "must be >= 1")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InvalidParameter(name, "must be >= 1")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise InvalidParameter("min_pixels", "must not exceed max_pixels")
         if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
             raise InvalidParameter("max_seqs_per_request", "must be >= 1")
 

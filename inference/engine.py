@@ -23,10 +23,12 @@ from .grammar import Grammar, GrammarCompiler
 from .kv_cache import KVCacheManager
 from .loader import DTYPES, LoadedModel, load_model
 from .model_runner import ModelRunner
+from .multimodal import ImageInputs
 from .runner import PromptSpan, Runner, StepInputs
 from .sampler import SampleOutput, Sampler, SamplerState, score_tokens
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .vision_prompt import ImagePrompter
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,13 @@ class Engine:
         self.generation_config = read_generation_config(self.loaded.path)
         self.eos_ids = _eos_ids(self.loaded, self.tokenizer, self.generation_config)
         self.grammars = GrammarCompiler(self.tokenizer, mcfg.vocab_size, self.eos_ids)
+        self.image_prompter: ImagePrompter | None = None
+        if mcfg.vision is not None and cfg.tp > 1:
+            # A TP step broadcasts token ids and 1-D positions; merged image embeddings and
+            # M-RoPE rows are not part of it yet.
+            log.warning("images are not supported with --tp > 1 yet: this model serves text only")
+        elif mcfg.vision is not None and self.loaded.layers.embed:
+            self.image_prompter = ImagePrompter(self.loaded.path, mcfg.vision, cfg.min_pixels, cfg.max_pixels)
         self._requests: dict[int, _Request] = {}
         self.num_aborted = 0
         log.info(
@@ -165,6 +174,21 @@ class Engine:
     # -- requests ---------------------------------------------------------------------
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return apply_chat_template(self.tokenizer, messages, tools=tools)
+
+    @property
+    def vision_bytes(self) -> int:
+        """Bytes of the vision tower's weights held here (0: none, or a text-only model)."""
+        visual = getattr(self.loaded.model, "visual", None)
+        return sum(p.numel() * p.element_size() for p in visual.parameters()) if visual is not None else 0
+
+    def encode_chat_images(
+        self, messages: list[dict], images: list[Any], tools: list[dict] | None = None
+    ) -> tuple[list[int], ImageInputs]:
+        """A chat whose messages hold {"type": "image"} parts, one per PIL image in `images`."""
+        if self.image_prompter is None:
+            name = self.loaded.config.architecture
+            raise InvalidParameter("messages", f"this model ({name}) has no vision: it cannot read images")
+        return self.image_prompter.encode(self.tokenizer, messages, images, tools)
 
     def check_grammar(self, grammar: Grammar) -> None:
         """InvalidParameter naming `grammar.param` unless it compiles for this tokenizer;
@@ -203,12 +227,18 @@ class Engine:
             raise InvalidParameter("prompt", "token ids must be in the vocabulary")
         self.check_length(len(prompt_token_ids), max_tokens, "prompt")
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, group: int | None = None) -> int:
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        group: int | None = None,
+        images: ImageInputs | None = None,
+    ) -> int:
         """Queue a sequence; `group` ties the sequences of one client request (its n choices),
-        whose batch slots the scheduler caps."""
+        whose batch slots the scheduler caps; `images` from `encode_chat_images`."""
         # One token of room is enough here: a request that reaches the context ends with "length".
         self.validate_prompt(prompt_token_ids, 1)
-        seq = Sequence(list(prompt_token_ids), params, group=group)
+        seq = Sequence(list(prompt_token_ids), params, group=group, images=images)
         eos = frozenset() if params.ignore_eos else self.eos_ids
         req = _Request(
             seq,

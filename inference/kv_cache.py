@@ -139,7 +139,7 @@ class KVCacheManager:
         (`prompt_logprobs`) compute it all."""
         if self.tree is None or seq.params.prompt_logprobs is not None or seq.block_table:
             return NO_MATCH
-        return self.tree.match(seq.all_token_ids, (seq.num_tokens - 1) // self.block_size)
+        return self.tree.match(seq.cache_tokens, (seq.num_tokens - 1) // self.block_size)
 
     def adopt(self, seq: Sequence, match: Match) -> None:
         """Start a blockless sequence from `match`: it holds those blocks and their tokens
@@ -168,7 +168,7 @@ class KVCacheManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= len(path):
             return
-        tokens = seq.all_token_ids
+        tokens = seq.cache_tokens  # pictures keyed by content, not by their pad token
         table = seq.block_table
         for i in range(len(path), full):
             node = self.tree.extend(path[-1] if path else None, self.tree.key(tokens, i), table[i])

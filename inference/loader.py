@@ -120,6 +120,8 @@ def map_name(name: str, rng: LayerRange, cfg: ModelConfig, packed: dict) -> list
         if cfg.tie_word_embeddings and rng.head and not rng.embed:
             targets.append(("lm_head.weight", None))  # tied head on a stage without the embedding
         return targets
+    if name.startswith("visual."):  # the vision tower lives with the embedding
+        return [(name, None)] if rng.embed and cfg.vision is not None else []
     if name == "model.norm.weight":
         return [(name, None)] if rng.head else []
     if name == "lm_head.weight":

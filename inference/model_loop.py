@@ -22,6 +22,7 @@ from .config import SamplingParams
 from .engine import Engine
 from .errors import InferenceError, InvalidParameter, StageFailure
 from .metrics import TokenMetrics
+from .multimodal import ImageInputs
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Pending:
     seq_id: int | None = None  # set by the model thread once added
     t_last: float | None = None  # time.monotonic() at the end of the step of its latest token
     closed: bool = False  # its stream was closed: an add still in the inbox is dropped
+    images: ImageInputs | None = None  # the prompt's pictures (a vision model)
 
 
 class Availability:
@@ -174,7 +176,7 @@ class ModelLoop:
                 continue
             if kind == "add":
                 try:
-                    req.seq_id = self.engine.add_request(req.prompt, req.params, req.group)
+                    req.seq_id = self.engine.add_request(req.prompt, req.params, req.group, req.images)
                     self._streams[req.seq_id] = req
                 except InferenceError as e:
                     self._deliver(req, e)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 
 from .config import LayerRange, ModelConfig
+from .errors import UnsupportedModel
 from .layers.attention import Attention, build_metadata
 from .models.llama import LlamaForCausalLM
+from .multimodal import ImageChunk, ImageInputs
 from .runner import PromptSpan, StepInputs
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
@@ -61,6 +63,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_idx: list[int] = []
         spans: list[PromptSpan] = []
+        images: list[ImageChunk] = []
         for i in order:
             item = batch[i]
             seq, start = item.seq, item.seq.num_computed_tokens
@@ -69,6 +72,8 @@ class ModelRunner:
             scored = min(end, seq.num_prompt_tokens - 1) - start
             if seq.params.prompt_logprobs is not None and scored > 0:
                 spans.append(PromptSpan(i, len(tokens), start, scored))
+            if seq.images is not None:
+                images.append(ImageChunk(len(tokens), start, end, seq.images))
             tokens += token_slice(seq, start, end)
             positions += range(start, end)
             table = seq.block_table
@@ -90,21 +95,31 @@ class ModelRunner:
             num_decodes,
             bs,
         )
+        # A step with a picture anywhere takes M-RoPE's 3 rows; text-only steps keep 1-D positions.
+        pos = self._mrope(positions, images) if images else torch.tensor(positions, dtype=torch.long, device=dev)
         return StepInputs(
             order=order,
             token_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            positions=pos,
             meta=meta,
             sample_rows=sample_rows,
             sample_batch_idx=sample_idx,
             prompt_spans=spans,
+            images=images,
         )
+
+    def _mrope(self, positions: list[int], images: list[ImageChunk]) -> torch.Tensor:
+        """[3, T]: every row the 1-D positions, except where a sequence with images sits."""
+        out = torch.tensor(positions, dtype=torch.long).expand(3, -1).clone()
+        for c in images:
+            out[:, c.row : c.row + c.end - c.start] = c.images.positions_for(c.start, c.end)
+        return out.to(self.device)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Run this stage's layers: on token ids if it is the first stage, else on `hidden`
         (laid out in `inputs.order`). Returns the stage's output hidden states [T, H]."""
-        x = inputs.token_ids if self.layers.embed else hidden
+        x = (self.embed_inputs(inputs) if inputs.images else inputs.token_ids) if self.layers.embed else hidden
         return self.model(x, inputs.positions, inputs.meta, self.kv_caches)
 
     @torch.inference_mode()
@@ -117,6 +132,27 @@ class ModelRunner:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The embedding alone (a pipeline master sends it to the first stage)."""
         return self.model.embed(token_ids)
+
+    @torch.inference_mode()
+    def embed_inputs(self, inputs: StepInputs) -> torch.Tensor:
+        """The step's embedded tokens [T, H], image pads replaced by the vision tower's output."""
+        h = self.model.embed(inputs.token_ids)
+        for c in inputs.images:
+            index = c.images.image_index[c.start : c.end]
+            local = (index >= 0).nonzero().squeeze(1)
+            if local.numel():
+                h[local.to(h.device) + c.row] = self._image_embeds(c.images).index_select(0, index[local].to(h.device))
+            if c.end >= c.images.num_prompt_tokens:
+                c.images.embeds = None  # the prompt is in the KV cache now
+        return h
+
+    def _image_embeds(self, images: ImageInputs) -> torch.Tensor:
+        if images.embeds is None:
+            embed_images = getattr(self.model, "embed_images", None)
+            if embed_images is None:
+                raise UnsupportedModel(f"{self.cfg.architecture} has no vision")
+            images.embeds = embed_images(images.pixel_values.to(self.device), images.grids)
+        return images.embeds
 
     def close(self) -> None:
         """Nothing to release but memory: the runner stays usable, which is how a master that

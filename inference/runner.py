@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from .layers.attention import AttentionMetadata
+from .multimodal import ImageChunk
 from .scheduler import ScheduledSeq
 
 
@@ -34,11 +35,12 @@ class StepInputs:
 
     order: list[int]  # order[j] = index in the scheduler's batch of the j-th laid-out sequence
     token_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T], or [3, T] (M-RoPE) when a sequence of the step has images
     meta: AttentionMetadata
     sample_rows: list[int]  # flat row of the last token of each sequence that needs a sample
     sample_batch_idx: list[int]  # those sequences' indices in the scheduler's batch
     prompt_spans: list[PromptSpan] = field(default_factory=list)  # prompt rows to score
+    images: list[ImageChunk] = field(default_factory=list)  # rows whose embeddings images replace
 
 
 class Runner(Protocol):

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .config import SamplingParams
+from .multimodal import ImageInputs
 
 _ids = itertools.count()
 
@@ -36,10 +37,28 @@ class Sequence:
     group: int | None = None
     # Prompt tokens whose KV came from the prefix cache at admission (shown to the user).
     num_cached_tokens: int = 0
+    # The prompt's images (a vision model): pixels, M-RoPE positions, where image tokens go.
+    images: ImageInputs | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
+        if self.images is not None and self.images.num_prompt_tokens != len(self.prompt_token_ids):
+            raise ValueError("the images' positions do not cover the prompt")
+
+    @property
+    def cache_tokens(self) -> list[int]:
+        """`all_token_ids` as a prefix cache must key them: image tokens stand for their
+        picture's content (see ImageInputs.cache_keys), text tokens for themselves."""
+        if self.images is None:
+            return self.all_token_ids
+        return self.images.cache_keys + self.output_token_ids
+
+    @property
+    def mm_hash(self) -> bytes | None:
+        """The content hash of the prompt's images (None without images): image pads are the
+        same token ids for any picture, so a cache keyed by tokens must key by this too."""
+        return None if self.images is None else self.images.content_hash
 
     @property
     def num_prompt_tokens(self) -> int:

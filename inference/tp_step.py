@@ -34,8 +34,9 @@ class Header:
     block_size: int = 0
     hidden_dim: int = 0  # H of the broadcast hidden states; 0 = token ids in the payload
     rows: int = 0  # LOGITS: sampled rows
+    axes: int = 0  # rows of multi-axis positions ([axes, T], M-RoPE); 0 = plain [T]
 
-    LEN = 8
+    LEN = 9
 
     def send(self, device: torch.device) -> None:
         broadcast(torch.tensor(astuple(self), dtype=torch.long, device=device))
@@ -49,10 +50,11 @@ class Header:
 def send_forward(inputs: StepInputs, hidden: torch.Tensor | None, device: torch.device) -> None:
     meta = inputs.meta
     seqs, width = meta.block_tables.shape
-    tokens = inputs.positions.numel()
+    tokens = inputs.positions.shape[-1]
+    axes = inputs.positions.shape[0] if inputs.positions.dim() == 2 else 0
     parts = [
         torch.tensor(meta.q_lens + meta.ctx_lens, dtype=torch.long, device=device),
-        inputs.positions,
+        inputs.positions.reshape(-1),
         meta.slot_mapping,
         meta.block_tables.reshape(-1),
     ]
@@ -60,7 +62,14 @@ def send_forward(inputs: StepInputs, hidden: torch.Tensor | None, device: torch.
         parts.append(inputs.token_ids)
     payload = torch.cat([p.to(device, torch.long) for p in parts])
     Header(
-        Cmd.FORWARD, tokens, seqs, width, meta.num_decodes, meta.block_size, 0 if hidden is None else hidden.shape[-1]
+        Cmd.FORWARD,
+        tokens,
+        seqs,
+        width,
+        meta.num_decodes,
+        meta.block_size,
+        0 if hidden is None else hidden.shape[-1],
+        axes=axes,
     ).send(device)
     broadcast(payload)
     if hidden is not None:
@@ -69,9 +78,11 @@ def send_forward(inputs: StepInputs, hidden: torch.Tensor | None, device: torch.
 
 def receive_forward(h: Header, device: torch.device, dtype: torch.dtype) -> tuple[StepInputs, torch.Tensor | None]:
     S, T = h.seqs, h.tokens
-    sizes = [S, S, T, T, S * h.width] + ([T] if h.hidden_dim == 0 else [])
+    sizes = [S, S, max(h.axes, 1) * T, T, S * h.width] + ([T] if h.hidden_dim == 0 else [])
     payload = broadcast(torch.empty(sum(sizes), dtype=torch.long, device=device))
     q_lens, ctx_lens, positions, slots, tables, *ids = payload.split(sizes)
+    if h.axes:
+        positions = positions.view(h.axes, T)
     hidden = None
     if h.hidden_dim:
         hidden = broadcast(torch.empty(T, h.hidden_dim, dtype=dtype, device=device))

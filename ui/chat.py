@@ -19,6 +19,10 @@ from inference.async_engine import AsyncEngine
 from inference.config import SamplingParams
 from inference.errors import InferenceError, InvalidParameter
 
+from .chat_images import ACCEPTED, message_parts, read_pictures, shown, user_content
+from .errors import APIError
+from .images import ImageLimits
+
 log = logging.getLogger(__name__)
 
 LOADING = "⏳ model loading… send your message again in a few seconds."
@@ -70,6 +74,7 @@ class Exchange:
     """One user message and the assistant's reply with its generation figures."""
 
     user: str
+    images: list[str] = field(default_factory=list)  # uploaded pictures (paths), shown above the text
     reply: str = ""
     error: str | None = None
     tokens: int = 0
@@ -116,7 +121,7 @@ def to_messages(system: str, exchanges: list[Exchange]) -> list[dict]:
     for ex in exchanges:
         if ex.error is not None:
             continue
-        msgs.append({"role": "user", "content": ex.user})
+        msgs.append({"role": "user", "content": user_content(ex.user, ex.images)})
         if ex.done:
             msgs.append({"role": "assistant", "content": ex.reply})
     return msgs
@@ -126,7 +131,7 @@ def render(state: ChatState) -> list[dict]:
     """gr.Chatbot messages; the figures line is display only (never sent to the model)."""
     out: list[dict] = []
     for ex in state.exchanges:
-        out.append({"role": "user", "content": ex.user})
+        out.append({"role": "user", "content": shown(ex.user, ex.images)})
         if ex.error is not None:
             # Keep what streamed before a failure (e.g. a lost pipeline stage) above the error.
             body = ex.error if ex.error == LOADING else (ex.reply + "\n\n" if ex.reply else "") + f"⚠️ {ex.error}"
@@ -151,8 +156,9 @@ def describe(e: Exception) -> str:
 class ChatController:
     """Event handlers of the Chat tab, bound to one AsyncEngine."""
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, image_limits: ImageLimits | None = None):
         self.engine = engine
+        self.image_limits = image_limits or ImageLimits()
 
     def banner(self) -> str:
         name = html.escape(self.engine.model_name)
@@ -165,25 +171,27 @@ class ChatController:
             f"{'' if info.quant == 'none' else f' · {info.quant} weights'}</div>"
         )
 
-    def take_message(self, text: str, state: ChatState):
-        """Send: append the user's message (the generation step that follows streams the reply)."""
+    def take_message(self, value: str | dict, state: ChatState):
+        """Send: append the user's message and pictures (the generation step that follows
+        streams the reply)."""
+        text, images = message_parts(value)
         if state.busy:
             gr.Warning("A reply is still streaming: wait for it or press Stop.")
             return gr.skip(), state, gr.skip()
-        if not text.strip():
+        if not text.strip() and not images:
             return gr.skip(), state, gr.skip()
         if not is_unicode(text):
             gr.Warning(f"Your message {NOT_UNICODE}.")
             return gr.skip(), state, gr.skip()
-        state.exchanges.append(Exchange(text))
-        return "", state, render(state)
+        state.exchanges.append(Exchange(text, images))
+        return "", state, render(state)  # clears the text and the attached pictures
 
     def prepare_regenerate(self, state: ChatState):
         """Regenerate: drop the last reply and mark its exchange pending again."""
         if state.busy or not state.exchanges:
             return state, gr.skip()
         last = state.exchanges[-1]
-        state.exchanges[-1] = Exchange(last.user)
+        state.exchanges[-1] = Exchange(last.user, last.images)
         return state, render(state)
 
     def clear(self, state: ChatState):
@@ -248,8 +256,17 @@ class ChatController:
         if not is_unicode(system):
             ex.error = f"The system prompt {NOT_UNICODE}."
             return
+        images = None
         try:
-            ids = self.engine.encode_chat(to_messages(system, state.exchanges))
+            messages = to_messages(system, state.exchanges)
+            pictures = [p for e in state.exchanges if e.error is None for p in e.images]
+            if pictures and not self.engine.has_vision:
+                raise InvalidParameter("messages", f"{self.engine.model_name} has no vision: it cannot read images")
+            if pictures:
+                read = await asyncio.to_thread(read_pictures, pictures, self.image_limits)
+                ids, images = await asyncio.to_thread(self.engine.encode_chat_images, messages, read)
+            else:
+                ids = self.engine.encode_chat(messages)
             # A chat UI should not refuse a long reply: cap it to the context left.
             room = self.engine.max_model_len - len(ids)
             params = SamplingParams(
@@ -260,12 +277,12 @@ class ChatController:
                 seed=None if seed is None or int(seed) < 0 else int(seed),
                 repetition_penalty=float(repetition_penalty),
             )
-        except (InferenceError, ValueError, TypeError) as e:
+        except (InferenceError, APIError, ValueError, TypeError) as e:
             ex.error = describe(e)
             return
         t0 = time.perf_counter()
         t_first = t_last = None
-        stream = self.engine.generate(ids, params)  # admission errors raise on the first step
+        stream = self.engine.generate(ids, params, images)  # admission errors raise on the first step
         try:
             async for out in stream:
                 now = time.perf_counter()
@@ -317,13 +334,19 @@ def build_chat_tab(ctrl: ChatController) -> None:
                 layout="bubble",
                 placeholder="**Ask anything.** Replies stream in as the model writes them.",
             )
-            msg = gr.Textbox(
-                placeholder="Message… (Enter to send)",
+            # Pictures: the upload button, drag and drop, or paste (shown only to vision models'
+            # users as thumbnails; a text-only model answers that it cannot read them).
+            msg = gr.MultimodalTextbox(
+                placeholder="Message… (Enter to send; attach, drop or paste pictures)",
                 show_label=False,
                 lines=1,
                 max_lines=8,
                 elem_id="chat-input",
                 autofocus=True,
+                file_types=ACCEPTED,
+                file_count="multiple",
+                sources=["upload"],
+                submit_btn=False,
             )
             with gr.Row(elem_id="chat-buttons"):
                 send = gr.Button("Send", variant="primary", elem_id="send-btn", min_width=80)

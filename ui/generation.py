@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from inference.async_engine import AsyncEngine, RequestStream
 from inference.config import SamplingParams
 from inference.engine import RequestOutput
+from inference.multimodal import ImageInputs
 
 from .errors import ClientDisconnected
 
@@ -35,6 +36,7 @@ class Job:
     index: int
     prompt_token_ids: list[int]
     params: SamplingParams
+    images: ImageInputs | None = None  # the prompt's pictures (every choice shares them)
 
 
 class Fanout:
@@ -48,7 +50,8 @@ class Fanout:
 
     def __init__(self, engine: AsyncEngine, jobs: list[Job]):
         self._queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
-        self._streams = engine.submit([(job.prompt_token_ids, job.params) for job in jobs])
+        images = jobs[0].images if jobs else None
+        self._streams = engine.submit([(job.prompt_token_ids, job.params) for job in jobs], images)
         self._live = len(jobs)
         self._tasks = [
             asyncio.create_task(self._pump(job.index, stream), name=f"choice-{job.index}")

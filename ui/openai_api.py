@@ -23,11 +23,13 @@ from inference.async_engine import AsyncEngine, EngineStats
 from inference.config import SamplingParams
 from inference.engine import RequestOutput
 from inference.grammar import Grammar
+from inference.multimodal import ImageInputs
 
 from .auth import bearer_ok
 from .errors import APIError, error_body, to_api_error
 from .formatting import DONE, ChatFormatter, ChoiceResult, CompletionFormatter, Echo, Formatter, Meta, sse
 from .generation import Fanout, Job, event_stream, unless_disconnected
+from .images import ImageRef, load_images, split_image_parts
 from .logprobs import TokenTexts
 from .metrics import stream_failed
 from .schemas import (
@@ -39,7 +41,7 @@ from .schemas import (
     SamplingRequest,
     parse_request,
 )
-from .tool_calls import ChatSetup, FunctionTool, encode_setup, prepare_chat
+from .tool_calls import ChatSetup, FunctionTool, check_setup, encode_setup, prepare_chat
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -137,18 +139,40 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(
             400, "Pass max_completion_tokens or max_tokens, not two different values.", "max_tokens", "invalid_value"
         )
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    messages, image_refs = split_image_parts([m.model_dump(exclude_none=True) for m in req.messages])
     choice = req.tool_choice.function.name if not isinstance(req.tool_choice, str | None) else req.tool_choice
     tools = [t.to_tool() for t in req.tools or []]
     schema = req.response_format.content_schema() if req.response_format is not None else None
     setup = chat_setup(engine, tools, choice, req.parallel_tool_calls is not False, messages, schema)
-    ids = await asyncio.to_thread(encode_setup, engine, setup)
+    images = None
+    if image_refs:
+        ids, images = await asyncio.to_thread(_encode_with_images, request, engine, setup, image_refs)
+    else:
+        ids = await asyncio.to_thread(encode_setup, engine, setup)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens or req.max_tokens
-    jobs = _jobs(engine, req, [ids], max_tokens, logprobs, "messages", grammar=setup.grammar)
+    jobs = _jobs(engine, req, [ids], max_tokens, logprobs, "messages", grammar=setup.grammar, images=images)
     meta = _meta(request, req, "chatcmpl", len(jobs), len(ids), logprobs is not None)
     fmt = ChatFormatter(meta, _token_texts(request, engine), setup.tools)
     return await _run(request, engine, jobs, fmt, bool(req.stream))
+
+
+def _encode_with_images(
+    request: Request, engine: AsyncEngine, setup: ChatSetup, refs: list[ImageRef]
+) -> tuple[list[int], ImageInputs]:
+    """Read the pictures, then template the chat around them (blocking: off the event loop).
+    A model without vision is refused before any picture is fetched or decoded."""
+    if not engine.has_vision:
+        where = refs[0].where  # messages[i].content[j]: the param is the content holding it
+        raise APIError(
+            400,
+            f"The model '{engine.model_name}' has no vision: it cannot read images (the image at {where}).",
+            where.rsplit("[", 1)[0],
+            "no_vision",
+        )
+    pictures = load_images(refs, request.app.state.image_limits)
+    check_setup(setup, engine.check_grammar)
+    return engine.encode_chat_images(setup.messages, pictures, setup.template_tools)
 
 
 def chat_setup(
@@ -244,6 +268,7 @@ def _jobs(
     prompt_param: str,
     prompt_logprobs: int | None = None,
     grammar: Grammar | None = None,
+    images: ImageInputs | None = None,
 ) -> list[Job]:
     """One job per (prompt, choice); choice j of a seeded request uses seed + j."""
 
@@ -273,7 +298,7 @@ def _jobs(
         engine.check_length(len(ids), budget, prompt_param)
         for j in range(req.n):
             seed = None if req.seed is None else req.seed + j
-            jobs.append(Job(p * req.n + j, ids, dataclasses.replace(base, max_tokens=budget, seed=seed)))
+            jobs.append(Job(p * req.n + j, ids, dataclasses.replace(base, max_tokens=budget, seed=seed), images))
     return jobs
 
 

@@ -57,6 +57,32 @@ def join_text_parts(v: Any, kinds: tuple[str, ...], optional: frozenset[str] = f
     return "\n".join(texts)
 
 
+def check_image_parts(v: list[Any]) -> list[dict[str, Any]]:
+    """Text and `image_url` parts, each in OpenAI's shape, normalized to exactly that shape."""
+    out: list[dict[str, Any]] = []
+    for i, part in enumerate(v):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append({"type": "text", "text": join_text_parts([part], ("text",))})
+            continue
+        image = part.get("image_url") if kind == "image_url" else None
+        if isinstance(image, str):  # some clients send the URL itself
+            image = {"url": image}
+        if (
+            not isinstance(image, dict)
+            or set(part) != {"type", "image_url"}
+            or not isinstance(image.get("url"), str)
+            or not set(image) <= {"url", "detail"}
+        ):
+            raise PydanticCustomError(
+                "invalid_content",
+                "content part {index} must be a 'text' part or an 'image_url' part holding image_url.url (a string)",
+                {"index": i},
+            )
+        out.append({"type": "image_url", "image_url": {"url": image["url"]}})
+    return out
+
+
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -72,9 +98,10 @@ class ChatMessage(_Closed):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     name: str | None = None  # a participant's name: passed to the template (most ignore it)
     # A list of {"type": "text", "text": ...} parts is flattened to one string here: the
-    # chat templates we serve concatenate `content` as text. None only for an assistant
-    # message that calls tools.
-    content: str | None = None
+    # chat templates we serve concatenate `content` as text. A list with `image_url` parts
+    # stays a list of checked parts (ui/images.py reads the pictures). None only for an
+    # assistant message that calls tools.
+    content: str | list[dict[str, Any]] | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant only: the calls it made
     tool_call_id: str | None = None  # tool only: the call this message answers
 
@@ -96,6 +123,8 @@ class ChatMessage(_Closed):
     @field_validator("content", mode="before")
     @classmethod
     def _flatten_parts(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in v):
+            return check_image_parts(v)
         return join_text_parts(v, ("text",))
 
 

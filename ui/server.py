@@ -18,6 +18,7 @@ from inference.async_engine import AsyncEngine
 
 from .auth import bearer_ok
 from .errors import APIError, error_response, install_handlers
+from .images import ImageLimits
 from .metrics import CountRequests, RequestCounts
 from .metrics import router as metrics_router
 from .openai_api import router
@@ -104,16 +105,22 @@ class BodyTooLarge(APIError):
 
 class BodyLimit:
     """Refuses /v1/* bodies over `limit` bytes: at once from Content-Length, and while
-    reading a chunked body (the route's read raises BodyTooLarge, answered as a 413)."""
+    reading a chunked body (the route's read raises BodyTooLarge, answered as a 413).
+    A callable `limit` is asked per request (it grows once a vision model is loaded)."""
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int | Callable[[], int]):
         self.app = app
-        self.limit = limit
+        self._limit = limit
+
+    @property
+    def limit(self) -> int:
+        return self._limit() if callable(self._limit) else self._limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _is_api(scope["path"]):
             await self.app(scope, receive, send)
             return
+        limit = self.limit
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None:
             try:
@@ -121,8 +128,8 @@ class BodyLimit:
             except ValueError:
                 await error_response(APIError(400, "Invalid Content-Length header."))(scope, receive, send)
                 return
-            if size > self.limit:
-                await error_response(BodyTooLarge(self.limit))(scope, receive, send)
+            if size > limit:
+                await error_response(BodyTooLarge(limit))(scope, receive, send)
                 return
         seen = 0
 
@@ -131,8 +138,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(self.limit)
+                if seen > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -145,6 +152,7 @@ def build_app(
     max_body_bytes: int = 1 << 20,
     on_startup: Callable[[], Awaitable[None]] | None = None,
     status_extra: Callable[[], dict] | None = None,
+    image_limits: ImageLimits | None = None,
 ) -> FastAPI:
     """The master's app over an AsyncEngine, whose model may still be loading (generation
     routes answer 503 until it is attached). The lifespan starts the engine's model thread
@@ -153,7 +161,8 @@ def build_app(
     `status_extra()` adds keys (nodes, plan) to GET /api/status; with `api_key`, a caller
     without it sees only what the status page shows anyone (no addresses, no ports), and
     GET /metrics answers 401 (Prometheus sends the key as a bearer token).
-    `allowed_origins`: web pages that may call the API from a browser (CORS; none by default)."""
+    `allowed_origins`: web pages that may call the API from a browser (CORS; none by default).
+    `image_limits`: how pictures in chat messages are read (remote URLs off by default)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -170,6 +179,7 @@ def build_app(
     app.state.status_extra = status_extra
     app.state.api_key = api_key
     app.state.created = int(time.time())
+    app.state.image_limits = image_limits or ImageLimits()
     app.state.responses = ResponseStore()  # kept responses (the Responses API's store)
     app.state.request_counts = RequestCounts()  # generation requests by outcome (GET /metrics)
     install_handlers(app)
@@ -179,9 +189,16 @@ def build_app(
     for api in app.state.api_routers:
         app.include_router(api)
     app.include_router(metrics_router)
+
+    def body_limit() -> int:
+        # A vision model's pictures come as base64 data: URLs in the body (4/3 of their bytes).
+        if not engine.has_vision:
+            return max_body_bytes
+        return max_body_bytes + app.state.image_limits.max_bytes * 4 // 3
+
     # add_middleware wraps: the last added runs first. Order: log -> count -> CORS -> auth ->
     # body limit (a request refused for its key or size counts as an error).
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=body_limit)
     if api_key:
         app.add_middleware(ApiKeyAuth, api_key=api_key)
     if allowed_origins:

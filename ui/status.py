@@ -82,6 +82,7 @@ class ModelSummary:
     prefix: str  # the prefix cache: hit rate, cached tokens, evictions ("off" when disabled)
     tok_s: float | None
     nodes: int
+    vision: str = ""  # where the vision tower runs and its weights ("" for a text-only model)
 
 
 def summarize(stats: EngineStats, nodes: list[NodeInfo], master_id: str | None) -> ModelSummary:
@@ -129,6 +130,7 @@ def summary_html(summaries: list[ModelSummary]) -> str:
             ("prefix cache", s.prefix),
             ("tok/s", rate),
             ("nodes", s.nodes),
+            *([("vision tower", s.vision)] if s.vision else []),
         ]
         cells = "".join(
             f'<div class="stat"><span class="stat-value">{html.escape(str(v))}</span>'
@@ -165,6 +167,10 @@ class StatusView:
         info = self.engine.info()
         totals = {self.engine.model_name: info.num_layers} if info is not None else {}
         summary = summarize(self.engine.stats(), nodes, self.master.node_id if self.master else None)
+        if info is not None and info.vision_bytes:
+            # Pictures are encoded where the embedding is: always this server (the master).
+            where = self.master.node_id if self.master is not None else "this server"
+            summary.vision = f"{where} · {fmt_bytes(info.vision_bytes)}"
         frame = nodes_frame(nodes, now, totals)
         return summary_html([summary]), frame, "" if nodes else EMPTY_HELP
 

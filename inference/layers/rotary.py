@@ -63,3 +63,28 @@ def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) ->
     """x: [T, heads, D] (queries and keys may be rotated together in one call)."""
     cos, sin = cos_sin
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's multimodal RoPE: the frequency pairs are split in `sections` (temporal,
+    height, width), each rotated by its own row of [3, T] positions. Text tokens carry three
+    equal rows, which is plain RoPE, so 1-D positions take the parent's path unchanged."""
+
+    axis: torch.Tensor  # [head_dim]: the position row (0, 1, 2) each table column reads
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, sections: tuple[int, ...]):
+        super().__init__(head_dim, max_position, theta, None)
+        if 2 * sum(sections) != head_dim:
+            raise UnsupportedModel(f"mrope_section {sections} does not cover half of head_dim {head_dim}")
+        axis = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sections)])
+        # Which position row each of the D table columns reads (both halves of rotate-half).
+        self.register_buffer("axis", torch.cat((axis, axis)), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().cos_sin(positions, dtype)
+        k, t = positions.shape
+        rows = self.table.index_select(0, positions.reshape(-1)).view(k, t, 2, -1)
+        # Column d of every token comes from the row of its axis: one gather over the axes.
+        cs = rows.gather(0, self.axis.view(1, 1, 1, -1).expand(1, t, 2, -1))[0].to(dtype)
+        return cs[:, :1], cs[:, 1:]

@@ -12,7 +12,7 @@ from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
 from ..layers.quant import QuantSpec
-from ..layers.rotary import RotaryEmbedding, apply_rotary
+from ..layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -75,14 +75,19 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.rng = rng
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if rng.embed else None
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = (
+            MRotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.mrope_section)
+            if cfg.mrope_section
+            else RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+        )
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, attn_backend, quant) for i in range(len(rng)))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if rng.head else None
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, caches: list[KVCache]
     ) -> torch.Tensor:
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        # Float input is hidden states: a later stage's, or embeddings merged with images.
+        h = self.embed_tokens(x) if self.embed_tokens is not None and not x.is_floating_point() else x
         if self.layers:
             rope = self.rotary.cos_sin(positions, h.dtype)
             for layer, cache in zip(self.layers, caches):
