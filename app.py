@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_compute(p)
     cli.add_quant(p)
+    cli.add_backend(p)
     cli.add_kv_cache(p)
     cli.add_prefix_cache(p)
     cli.add_images(p)
@@ -232,8 +233,13 @@ def master_config(args: argparse.Namespace):
     from cluster.master import MasterConfig
     from inference.admission import AdmissionLimits
     from inference.config import EngineConfig
+    from inference.mlx import resolve_backend
     from ui.images import ImageLimits
 
+    # A pipeline master (--workers) holds only the embedding and head, in torch; auto never picks mlx there.
+    backend = resolve_backend("torch" if args.workers and args.backend == "auto" else args.backend)
+    if backend == "mlx" and (args.workers or args.tp > 1):
+        raise ValueError("--backend mlx serves alone: without --workers and --tp (give MLX workers --backend mlx)")
     engine = EngineConfig(
         model=args.model,
         dtype=args.dtype,
@@ -245,6 +251,8 @@ def master_config(args: argparse.Namespace):
         attn=args.attn,
         tp=args.tp,
         quant=args.quant,
+        backend=backend,
+        adapter=args.adapter,
         prefix_cache=args.prefix_cache,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,

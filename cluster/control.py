@@ -276,7 +276,7 @@ class ControlServer:
             NodeInfo(
                 node_id=msg.node_id,
                 address=msg.grpc_address,
-                backend="torch",
+                backend=cap.backend,
                 device=cap.device,
                 model=h.model if h else self.model_name,
                 layer_start=h.start if h else 0,

@@ -111,6 +111,7 @@ class Capacity(BaseModel):
     total_bytes: Bytes
     free_bytes: Bytes
     matmul_gflops: Annotated[float, Field(ge=0, le=1e9)]  # a quick measured matmul, for the planner
+    backend: Literal["torch", "mlx"] = "torch"  # what runs the worker's layers (shown on the Nodes tab)
     # The worker's --layers override for the planner: a layer count, or a [start, end) range.
     layers: (
         Annotated[int, Field(ge=0, le=_MAX_LAYERS)] | Annotated[list[Layer], Field(min_length=2, max_length=2)] | None

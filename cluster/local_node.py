@@ -79,7 +79,7 @@ class MasterNode:
         return NodeInfo(
             node_id=self.node_id,
             address=self.address,
-            backend="torch",
+            backend=info.backend if info is not None else "torch",
             device=device,
             model=self.engine.model_name,
             layer_start=start,

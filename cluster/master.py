@@ -248,9 +248,14 @@ class Master:
         # Alone: with --tp, ranks 1..N-1 start here and stop when this process exits. A TP
         # master keeps its layers (a pipeline master embeds on its own, which a vocabulary split
         # over ranks cannot do), so joining workers get nothing and there is no manager.
-        engine = tp_engine(cfg, self.cfg.host) if cfg.tp > 1 else Engine(cfg)
+        if cfg.backend == "mlx":  # like a TP master, an MLX master keeps its layers: no manager
+            from inference.mlx.engine import mlx_engine
+
+            engine = mlx_engine(cfg)
+        else:
+            engine = tp_engine(cfg, self.cfg.host) if cfg.tp > 1 else Engine(cfg)
         manager = None
-        if cfg.tp == 1:
+        if cfg.tp == 1 and cfg.backend == "torch":
             assert isinstance(engine.runner, ModelRunner)
             manager = ClusterManager(
                 self.engine,

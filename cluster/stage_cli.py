@@ -14,6 +14,8 @@ from pathlib import Path
 from inference import cli
 from inference.config import LayerRange
 from inference.loader import load_model
+from inference.mlx import resolve_backend
+from inference.runner import Runner
 
 from .data_auth import MIN_SECRET_BYTES, StageKeys
 from .stage_server import DEFAULTS, StageServicer, serve, stage_limits
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="most new tokens in one step",
     )
     cli.add_tp(p)
+    cli.add_backend(p)
     cli.add_log_level(p)
     return p
 
@@ -96,17 +99,29 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         secret = read_secret(args.secret_file)  # before the model loads: a missing secret fails fast
+        backend = resolve_backend(args.backend)
+        if backend == "mlx" and args.tp != 1:
+            raise ValueError("--backend mlx runs its layers in one process: drop --tp")
+        if args.adapter and backend != "mlx":
+            raise ValueError("--adapter is served by the MLX backend: add --backend mlx")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         n = read_config(resolve_model(args.model)).num_layers
         rng = LayerRange(args.layers[0], args.layers[1], n, embed=False, head=False)
-        runner = None
-        if args.tp != 1:
+        runner: Runner | None = None
+        if backend == "mlx":
+            from inference.mlx.runner import MLXRunner
+
+            on_mlx = MLXRunner.load(
+                args.model, args.dtype, rng, args.num_blocks, args.block_size, args.quant, args.adapter
+            )
+            loaded, runner = on_mlx.loaded, on_mlx
+        elif args.tp != 1:
             from inference.tp_runner import start_tp
 
-            runner = start_tp(
+            group = start_tp(
                 args.model,
                 args.dtype,
                 args.device,
@@ -118,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.attn,
                 args.quant,
             )
-            loaded = runner.loaded
+            loaded, runner = group.loaded, group
         else:
             loaded = load_model(args.model, args.dtype, args.device, layers=rng, attn=args.attn, quant=args.quant)
         node_id = args.node_id or f"stage-{rng.start}-{rng.end}"

@@ -25,6 +25,8 @@ from inference import cli
 from inference.config import LayerRange
 from inference.errors import InferenceError
 from inference.loader import LoadedModel, load_model
+from inference.mlx import resolve_backend
+from inference.runner import Runner
 from inference.tp_runner import start_tp
 
 from .control_client import ControlClient, control_url
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--node-id", default=None, help="unique id (default: hostname-pid-random)")
     cli.add_tp(p, "the worker's assigned layers; the group binds to --host")
+    cli.add_backend(p)
     p.add_argument(
         "--layers", type=parse_layers, default=None, help="override the planner: a layer count N or a range START-END"
     )
@@ -100,6 +103,20 @@ def measure_capacity(device: str) -> dict:
     return dict(device=device, total_bytes=int(total), free_bytes=int(free), matmul_gflops=round(gflops, 1))
 
 
+def measure_mlx_capacity() -> dict:
+    """`measure_capacity` for an MLX worker: unified memory on Apple silicon, so the system's."""
+    from inference.mlx.device import device_name, matmul_gflops
+
+    vm = psutil.virtual_memory()
+    return dict(
+        device=device_name(),
+        backend="mlx",
+        total_bytes=int(vm.total),
+        free_bytes=int(vm.available),
+        matmul_gflops=matmul_gflops(),
+    )
+
+
 class Worker:
     """Invariant: `holding` describes exactly what `servicer.stage` serves (or is None)."""
 
@@ -109,7 +126,7 @@ class Worker:
         self.address = address
         self.holding: dict | None = None
         self.loads = 0
-        self.capacity = measure_capacity(args.device)
+        self.capacity = measure_mlx_capacity() if args.backend == "mlx" else measure_capacity(args.device)
         if args.layers is not None:
             self.capacity["layers"] = list(args.layers) if isinstance(args.layers, tuple) else args.layers
 
@@ -144,6 +161,7 @@ class Worker:
         try:
             stage = self.servicer.stage
             tp = self.args.tp
+            mlx = self.args.backend == "mlx"
             same_pool = self.holding and (self.holding["num_blocks"], self.holding["block_size"]) == (
                 a.num_blocks,
                 a.block_size,
@@ -152,7 +170,7 @@ class Worker:
                 stage is not None
                 and self.holding
                 and all(self.holding[k] == want[k] for k in weights)
-                and (tp == 1 or same_pool)
+                and ((tp == 1 and not mlx) or same_pool)
             ):
                 # Same weights as before (e.g. the master restarted): keep them; only the KV
                 # pool (a TP group keeps its own, hence same_pool) and the next hop are rebuilt.
@@ -162,16 +180,16 @@ class Worker:
                     a.block_size,
                     a.dtype,
                     a.next_hop,
-                    stage.runner if tp > 1 else None,
+                    stage.runner if tp > 1 or mlx else None,
                     keys=keys,
                     limits=limits(stage.loaded),
                 )
             else:
                 self.servicer.drop()
                 rng = LayerRange(a.start, a.end, a.num_layers, embed=False, head=False)
-                runner = None
+                runner: Runner | None = None
                 if tp > 1:  # ranks 1..N-1 start now and load their shards of the same range
-                    runner = await asyncio.to_thread(
+                    group = await asyncio.to_thread(
                         start_tp,
                         a.model,
                         a.dtype,
@@ -183,7 +201,14 @@ class Worker:
                         self.args.host,
                         quant=a.quant,
                     )
-                    loaded = runner.loaded
+                    loaded, runner = group.loaded, group
+                elif mlx:  # the plan's dtype is the wire's: hidden states arrive and leave in it
+                    from inference.mlx.runner import MLXRunner
+
+                    on_mlx = await asyncio.to_thread(
+                        MLXRunner.load, a.model, a.dtype, rng, a.num_blocks, a.block_size, a.quant, self.args.adapter
+                    )
+                    loaded, runner = on_mlx.loaded, on_mlx
                 else:
                     loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng, quant=a.quant)
                 self.servicer.install(
@@ -255,6 +280,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: --master: {e}", file=sys.stderr)
             return 2
+    try:
+        args.backend = resolve_backend(args.backend)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.backend == "mlx" and args.tp > 1:
+        print("error: --backend mlx runs its layers in one process: drop --tp", file=sys.stderr)
+        return 2
+    if args.adapter and args.backend != "mlx":
+        print("error: --adapter is served by the MLX backend: add --backend mlx", file=sys.stderr)
+        return 2
     cli.setup_logging(args.log_level)
     try:
         return asyncio.run(run(args))

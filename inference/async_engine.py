@@ -73,6 +73,7 @@ class ModelInfo:
     max_model_len: int
     generation_config: dict[str, Any]  # the model's generation_config.json ({} if none)
     quant: str  # how this process holds its weights: "none", "int8" or "int4"
+    backend: str = "torch"  # what runs this process's layers: "torch" or "mlx"
     # The vision tower's weights in this process (it runs where the embedding is: the
     # master); 0 for a text-only model.
     vision_bytes: int = 0
@@ -279,6 +280,7 @@ class AsyncEngine:
             max_model_len=e.max_model_len,
             generation_config=e.generation_config,
             quant=e.loaded.quant,
+            backend=e.cfg.backend,
             vision_bytes=e.vision_bytes,
         )
 

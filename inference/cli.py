@@ -8,6 +8,7 @@ import argparse
 import logging
 
 from .config import ATTN_BACKENDS, DTYPE_NAMES, QUANT_CHOICES
+from .mlx import BACKENDS
 from .model_source import DEFAULT_MODEL
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -108,6 +109,23 @@ def add_log_level(p: argparse.ArgumentParser) -> None:
 
 def setup_logging(level: str, **kw) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, **kw)
+
+
+def add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="what runs the layers: torch, or mlx (Metal on Apple silicon, CPU elsewhere; needs the mlx "
+        "package); auto picks mlx on Apple silicon where it is installed, torch everywhere else",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="serve a LoRA adapter (python -m inference.mlx.lora writes one) on top of the weights; "
+        "MLX backend only; a pipeline stage applies its own layers' part",
+    )
 
 
 def add_images(p: argparse.ArgumentParser) -> None:

@@ -124,6 +124,7 @@ class LayerRange:
 
 
 ATTN_BACKENDS = ("sdpa", "xformers", "flash")
+COMPUTE_BACKENDS = ("torch", "mlx")  # what runs the layers (`--backend auto` resolves to one)
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -152,6 +153,7 @@ class EngineConfig:
     quant: str = "none"
     # What runs the layers: "torch", or "mlx" (inference/mlx/: Metal on Apple silicon, CPU elsewhere).
     backend: str = "torch"
+    adapter: str | None = None  # a LoRA adapter folder (inference.mlx.lora); MLX backend only
     # Reuse the KV of cached token prefixes (inference/prefix_cache.py); False recomputes
     # every prompt in full (--no-prefix-cache).
     prefix_cache: bool = True
@@ -164,6 +166,10 @@ class EngineConfig:
             raise InvalidParameter("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
         if self.quant not in QUANT_CHOICES:
             raise InvalidParameter("quant", f"{self.quant!r} is not one of {', '.join(QUANT_CHOICES)}")
+        if self.backend not in COMPUTE_BACKENDS:
+            raise InvalidParameter("backend", f"{self.backend!r} is not one of {', '.join(COMPUTE_BACKENDS)}")
+        if self.adapter and self.backend != "mlx":
+            raise InvalidParameter("adapter", "LoRA adapters are served by the MLX backend: add --backend mlx")
         if self.attn not in ATTN_BACKENDS:
             raise InvalidParameter("attn", f"{self.attn!r} is not one of {', '.join(ATTN_BACKENDS)}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:

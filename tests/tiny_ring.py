@@ -34,12 +34,15 @@ def worker_tls(ca: ClusterCA, node_id: str) -> NodeTLS:
 
 @contextmanager
 def tiny_ring(
-    path: str, ca: ClusterCA | None = None, max_context_tokens: int | None = NUM_BLOCKS * BLOCK
+    path: str,
+    ca: ClusterCA | None = None,
+    max_context_tokens: int | None = NUM_BLOCKS * BLOCK,
+    backends: tuple[str, str] = ("torch", "torch"),
 ) -> Iterator[SimpleNamespace]:
     """The ring in folder `path` (a tiny model is written there); every hop mutual TLS
     certified by `ca` when one is given, plaintext otherwise. The stages accept at most
     `max_context_tokens` over a step's sequences (None: as many as sequences sharing
-    prefixes can reach)."""
+    prefixes can reach). `backends` runs each stage on torch or MLX (inference.mlx)."""
     make_tiny("llama-untied", path)
     cfg = EngineConfig(model=path, max_batch=MAX_SEQS, block_size=BLOCK, max_batch_tokens=MAX_TOKENS)
     prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
@@ -49,12 +52,20 @@ def tiny_ring(
     results = ResultServer(ca.node_tls("master") if ca else None)
     reply_to = f"127.0.0.1:{results.start('127.0.0.1', 0)}"
     stages, servers, next_hop = {}, [], None
-    for node, (a, b) in reversed(list(zip(plan.stages, [(0, 2), (2, 4)]))):
-        loaded = load_model(path, layers=LayerRange(a, b, 4, embed=False, head=False))
+    for node, (a, b), backend in reversed(list(zip(plan.stages, [(0, 2), (2, 4)], backends))):
+        rng, runner = LayerRange(a, b, 4, embed=False, head=False), None
+        if backend == "mlx":
+            from inference.mlx.runner import MLXRunner
+
+            runner = MLXRunner.load(path, "float32", rng, NUM_BLOCKS, BLOCK)
+            loaded = runner.loaded
+        else:
+            loaded = load_model(path, layers=rng)
         servicer = StageServicer(node)
         servicer.tls = worker_tls(ca, node) if ca else None
         limits = stage_limits(loaded, NUM_BLOCKS, BLOCK, MAX_SEQS, MAX_TOKENS, max_context_tokens)
-        servicer.install(loaded, NUM_BLOCKS, BLOCK, "float32", next_hop, keys=plan.stage_keys(node), limits=limits)
+        keys = plan.stage_keys(node)
+        servicer.install(loaded, NUM_BLOCKS, BLOCK, "float32", next_hop, runner, keys=keys, limits=limits)
         creds = servicer.tls.server_credentials() if servicer.tls else None
         server, port = serve(servicer, "127.0.0.1", 0, creds)
         stages[node], next_hop = servicer, f"127.0.0.1:{port}"
