@@ -65,8 +65,7 @@ async def stream_chat(client, model: str, messages: list[dict], max_tokens: int)
 
 async def conversations(client, model: str, tokenizer, args) -> dict:
     turn1, turn2, cached2 = [], [], []
-    # Conversation 0 warms the server up at these sizes (the first prefills of a fresh process
-    # pay one-time kernel set-up costs of seconds) and is left out of the medians.
+    # Conversation 0 warms the server up at these sizes and is left out of the medians.
     for k in range(args.conversations + 1):
         history = [
             {"role": "system", "content": f"Conversation {k}. You are a careful reader."},

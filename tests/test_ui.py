@@ -49,7 +49,8 @@ _BOT_TEXTS_JS = """els => els.map(e => { const c = e.cloneNode(true);
 # -- fast checks (no browser, no model) ----------------------------------------------------------
 def test_chat_says_model_loading_before_the_engine_is_attached():
     from inference.async_engine import AsyncEngine
-    from ui.chat import LOADING, ChatController, ChatState, Exchange
+    from ui.chat import ChatController
+    from ui.chat_state import LOADING, ChatState, Exchange
 
     ctrl = ChatController(AsyncEngine(None, "smollm2"))
     state = ChatState([Exchange("hello")])
@@ -100,7 +101,8 @@ def test_lone_surrogates_never_break_a_chat_session():
     system prompt holding one fails that reply, and the page stays renderable (Gradio sends
     the history as UTF-8 JSON) so the session goes on without Clear."""
     from inference.async_engine import AsyncEngine
-    from ui.chat import ChatController, ChatState, Exchange, render
+    from ui.chat import ChatController
+    from ui.chat_state import ChatState, Exchange, render
 
     ctrl = ChatController(AsyncEngine(None, "smollm2"))
     state = ChatState()
@@ -132,7 +134,7 @@ def test_empty_registry_explains_itself():
 
 def test_parameters_start_at_the_models_generation_config(tmp_path):
     from inference.engine import read_generation_config
-    from ui.chat import GenDefaults, model_defaults
+    from ui.chat_state import GenDefaults, model_defaults
 
     assert read_generation_config(tmp_path) == {} and model_defaults({}) == GenDefaults()  # none: ours
     (tmp_path / "generation_config.json").write_text(

@@ -24,6 +24,7 @@ from .metrics import router as metrics_router
 from .openai_api import router
 from .response_store import ResponseStore
 from .responses_api import router as responses_router
+from .status_api import router as status_router
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ def build_app(
     for api in app.state.api_routers:
         app.include_router(api)
     app.include_router(metrics_router)
+    app.include_router(status_router)
 
     def body_limit() -> int:
         # A vision model's pictures come as base64 data: URLs in the body (4/3 of their bytes).
