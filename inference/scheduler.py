@@ -269,13 +269,13 @@ class Scheduler:
         bs, m = self.kv.block_size, len(match.nodes)
         if (m + 1) * bs > seq.num_tokens - 1:  # no further block of `seq` could come from the cache
             return False
-        want = seq.all_token_ids[m * bs : (m + 1) * bs]
+        want = seq.cache_slice(m * bs, (m + 1) * bs)
         end = match.nodes[-1] if match.nodes else None
         return any(
             s.num_computed_tokens // bs == m
             and s.num_prompt_tokens >= (m + 1) * bs
             and self.kv.cached_path_end(s) is end
-            and s.prompt_token_ids[m * bs : (m + 1) * bs] == want
+            and s.cache_slice(m * bs, (m + 1) * bs) == want
             for s in self._running
         )
 

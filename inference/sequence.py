@@ -54,6 +54,13 @@ class Sequence:
             return self.all_token_ids
         return self.images.cache_keys + self.output_token_ids
 
+    def cache_slice(self, start: int, end: int) -> list[int]:
+        """`cache_tokens[start:end]` without building the whole list (a prompt part is a slice)."""
+        prompt = self.prompt_token_ids if self.images is None else self.images.cache_keys
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt + self.output_token_ids)[start:end]
+
     @property
     def mm_hash(self) -> bytes | None:
         """The content hash of the prompt's images (None without images): image pads are the
