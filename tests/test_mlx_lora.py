@@ -14,8 +14,10 @@ from inference.config import EngineConfig, LayerRange, SamplingParams  # noqa: E
 from inference.mlx.engine import mlx_engine  # noqa: E402
 from inference.mlx.lora import main as lora_main  # noqa: E402
 
-from .test_mlx_cluster import save_word_tokenizer  # noqa: E402
-from .tiny_models import make_tiny  # noqa: E402
+from .tiny_models import (
+    make_tiny,  # noqa: E402
+    save_word_tokenizer,  # noqa: E402
+)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PATTERN = " ".join(f"t{i}" for i in range(10, 42))  # a counting sequence the random model does not know

@@ -63,3 +63,14 @@ class IdTokenizer:
 
     def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
         return "".join(f" {i}" for i in ids)
+
+
+def save_word_tokenizer(path: Path, vocab_size: int = 256) -> None:
+    """A word-level tokenizer over the tiny model's vocabulary ("t0" .. "t255"), saved the way
+    a real checkpoint carries one, so the real master can load the tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(str(path))
