@@ -30,6 +30,7 @@ from ui.images import ImageLimits
 
 from .control import ControlServer
 from .control_guard import exposure_error
+from .local_node import MasterNode
 from .manager import ClusterManager
 from .registry import NodeRegistry
 from .ring import ResultServer
@@ -113,6 +114,7 @@ class Master:
         )
         self.engine = AsyncEngine(None, cfg.name, on_stage_failure=self._on_stage_failure, limits=cfg.limits)
         self.results = ResultServer(tls)
+        self.node = MasterNode(self.engine, cfg.url)  # this master's own row in the node list
         self.manager: ClusterManager | None = None
         self.failure: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,11 +138,13 @@ class Master:
         if self.cfg.ui:
             from ui.web import mount_ui
 
-            app = mount_ui(app, self.engine, self.registry, api_key=self.cfg.api_key, address=self.cfg.url)
+            app = mount_ui(app, self.engine, self.registry, api_key=self.cfg.api_key, master=self.node)
         return app
 
     def status_extra(self) -> dict:
-        """What /api/status adds to the engine's stats: the nodes and the cluster's plan."""
+        """What /api/status adds to the engine's stats: the nodes (this master first refreshed,
+        also without the web page, which refreshes it too) and the cluster's plan."""
+        self.node.refresh(self.registry)
         nodes = [dict(dataclasses.asdict(n), state=n.state.value) for n in self.registry.snapshot()]
         info = self.engine.info()
         return dict(

@@ -50,6 +50,7 @@ def test_default_model_over_a_torch_worker_and_an_mlx_worker_equals_torch_alone(
         wait_for(lambda: healthy(base), 240, "the cluster with an MLX worker to serve", procs)
         nodes = {n["node_id"]: n for n in status(base)["nodes"]}
         assert nodes["mlxw"]["backend"] == "mlx" and nodes["torchw"]["backend"] == "torch"
+        assert nodes["master"]["backend"] == "torch"  # listed without the web page (--no-ui) too
         assert nodes["mlxw"]["layer_end"] > nodes["mlxw"]["layer_start"]  # it holds layers
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             assert list(pool.map(lambda q: chat(base, q), QUESTIONS[:3])) == expected[:3]

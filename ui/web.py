@@ -73,15 +73,21 @@ def _key_auth(api_key: str):
 
 
 def mount_ui(
-    app: FastAPI, engine: AsyncEngine, registry: NodeRegistry, api_key: str | None = None, address: str | None = None
+    app: FastAPI,
+    engine: AsyncEngine,
+    registry: NodeRegistry,
+    api_key: str | None = None,
+    address: str | None = None,
+    master: MasterNode | None = None,
 ) -> FastAPI:
     """Mount the Chat + Nodes page at `/` of `app` and return the app.
 
     `registry` feeds the Nodes tab; the master's own row is refreshed into it while the tab
-    is open (`address` is the URL shown in that row; the master passes its own). With
+    is open (`address` is the URL shown in that row; the master passes its own row, `master`,
+    which /api/status refreshes too). With
     `api_key`, the page needs a login: password = the key, at most 5 wrong guesses a minute
     from one address."""
-    master = MasterNode(engine, address or "this server")
+    master = master or MasterNode(engine, address or "this server")
     master.refresh(registry)  # the master is listed from the first snapshot on
     demo = build_blocks(engine, registry, master)
     auth = _key_auth(api_key) if api_key else None
