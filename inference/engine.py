@@ -161,6 +161,10 @@ class Engine:
             log.warning("images are not supported with --tp > 1 yet: this model serves text only")
         elif mcfg.vision is not None and self.loaded.layers.embed:
             self.image_prompter = ImagePrompter(self.loaded.path, mcfg.vision, cfg.min_pixels, cfg.max_pixels)
+        # Bytes of the vision tower's weights held here (0: none, or a text-only model); fixed,
+        # so counted once rather than on every status refresh.
+        visual = getattr(self.loaded.model, "visual", None)
+        self.vision_bytes = sum(p.numel() * p.element_size() for p in visual.parameters()) if visual is not None else 0
         self._requests: dict[int, _Request] = {}
         self.num_aborted = 0
         log.info(
@@ -174,12 +178,6 @@ class Engine:
     # -- requests ---------------------------------------------------------------------
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return apply_chat_template(self.tokenizer, messages, tools=tools)
-
-    @property
-    def vision_bytes(self) -> int:
-        """Bytes of the vision tower's weights held here (0: none, or a text-only model)."""
-        visual = getattr(self.loaded.model, "visual", None)
-        return sum(p.numel() * p.element_size() for p in visual.parameters()) if visual is not None else 0
 
     def encode_chat_images(
         self, messages: list[dict], images: list[Any], tools: list[dict] | None = None

@@ -168,10 +168,11 @@ class KVCacheManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= len(path):
             return
-        tokens = seq.cache_tokens  # pictures keyed by content, not by their pad token
-        table = seq.block_table
+        bs, table = self.block_size, seq.block_table
         for i in range(len(path), full):
-            node = self.tree.extend(path[-1] if path else None, self.tree.key(tokens, i), table[i])
+            # Keyed by cache_slice: a picture's tokens by its content, not by their pad token id.
+            key = tuple(seq.cache_slice(i * bs, (i + 1) * bs))
+            node = self.tree.extend(path[-1] if path else None, key, table[i])
             if node.block != table[i]:
                 self.pool.free([table[i]])
                 table[i] = node.block
