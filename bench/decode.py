@@ -2,13 +2,15 @@
 and, when llama-cpp-python is installed, llama.cpp on the same GGUF, same run.
 
     .venv/bin/python bench/decode.py [--dtypes float32 bfloat16] [--quants none int8 int4]
-                                     [--tokens 128] [--repeats 3]
+                                     [--tokens 128] [--repeats 3] [--torch-ops]
 
 Every side gets the same chat prompt token ids and generates exactly `--tokens` new tokens
 greedily (end-of-turn ignored); tok/s = new tokens / wall time of the whole generation
 (prefill included), median over repeats, the backends interleaved within each repeat.
 `vs HF` compares with transformers at the row's dtype (llama.cpp: the first dtype);
 `agree` is the common prefix of the row's tokens with our first dtype's float ("none") ones.
+`--torch-ops` adds a row per quant with the fused CPU kernels off (inference/kernels.py), to
+show what they gain in the same run.
 Prints the CPU, a table; writes bench/results/decode.json.
 """
 
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inference import kernels  # noqa: E402
 from inference.config import EngineConfig, SamplingParams  # noqa: E402
 from inference.engine import Engine  # noqa: E402
 from inference.model_source import smollm2_path  # noqa: E402
@@ -57,6 +60,11 @@ def time_ours(engine: Engine, ids: list[int], n: int) -> tuple[float, list[int]]
     dt = time.perf_counter() - t
     assert len(tokens) == n
     return n / dt, tokens
+
+
+def time_ours_torch_ops(engine: Engine, ids: list[int], n: int) -> tuple[float, list[int]]:
+    with kernels.torch_ops_only():
+        return time_ours(engine, ids, n)
 
 
 def time_hf(model, ids: list[int], n: int) -> tuple[float, list[int]]:
@@ -112,6 +120,7 @@ def main() -> None:
     ap.add_argument("--quants", nargs="+", default=["none", "int8", "int4"])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch-ops", action="store_true", help="also time ours with the fused CPU kernels off")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -132,6 +141,8 @@ def main() -> None:
             str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)
         ).eval()
         timers = {("ours", q): (time_ours, e) for q, e in engines.items()}
+        if args.torch_ops:
+            timers.update({("ours, torch ops", q): (time_ours_torch_ops, e) for q, e in engines.items()})
         timers["transformers", "none"] = (time_hf, hf)
         if llm is not None:
             timers["llama.cpp", "gguf"] = (time_llama_cpp, llm)
@@ -149,7 +160,7 @@ def main() -> None:
                 cpp_runs += r
                 cpp_tokens = tokens[backend, quant]
                 continue
-            resolved = engines[quant].loaded.quant if backend == "ours" else "none"
+            resolved = engines[quant].loaded.quant if backend.startswith("ours") else "none"
             found.append(dict(backend=backend, dtype=dtype, quant=resolved, tok_s=statistics.median(r), runs=r))
             found[-1]["tokens"] = tokens[backend, quant]
         hf_tok_s = statistics.median(runs["transformers", "none"])
@@ -179,11 +190,11 @@ def main() -> None:
         if llm is not None:
             r["vs_llama_cpp"] = r["tok_s"] / rows[-1]["tok_s"]
 
-    print(f"{'backend':<14}{'dtype':<11}{'quant':<7}{'tok/s':>8}{'vs HF':>8}{'vs llama.cpp':>14}{'agree':>7}")
+    print(f"{'backend':<17}{'dtype':<11}{'quant':<7}{'tok/s':>8}{'vs HF':>8}{'vs llama.cpp':>14}{'agree':>7}")
     for r in rows:
         cpp_col = f"{r['vs_llama_cpp']:>14.2f}" if "vs_llama_cpp" in r else f"{'-':>14}"
         print(
-            f"{r['backend']:<14}{r['dtype']:<11}{r['quant']:<7}{r['tok_s']:>8.1f}{r['vs_hf']:>8.2f}{cpp_col}"
+            f"{r['backend']:<17}{r['dtype']:<11}{r['quant']:<7}{r['tok_s']:>8.1f}{r['vs_hf']:>8.2f}{cpp_col}"
             f"{r['agree_with_float']:>7}"
         )
     out = Path(args.out)
@@ -194,6 +205,7 @@ def main() -> None:
         threads=torch.get_num_threads(),
         machine=platform.machine(),
         llama_cpp=llama_cpp_version(),
+        fused_kernels=kernels.available(),
         repeats=args.repeats,
         metric="new tokens / wall time of generation, median",
         agree_with_float="common prefix of the row's greedy tokens with ours, first dtype, quant none",

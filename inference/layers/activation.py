@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .. import kernels
 
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up on the output of the merged gate/up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return kernels.silu_mul(x)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 log = logging.getLogger(__name__)
 
 
@@ -105,10 +107,9 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D]; kv_cache: two [num_blocks, block_size, KVH, D]."""
+        """q: [T, H, D], k/v: [T, KVH, D]; kv_cache: two [num_blocks, block_size, KVH, D], which
+        already hold this step's keys and values (`kernels.rope_kv` wrote them)."""
         k_cache, v_cache = kv_cache
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
         nd = meta.num_decodes
         if nd == len(meta.q_lens):  # a pure decode step, the hot path: no output buffer to fill
             return self._decode(q, meta, k_cache, v_cache)
@@ -153,8 +154,12 @@ class Attention(nn.Module):
         return o[0].transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
-        """One query per sequence against its whole cached context, padded to the longest."""
+        """One query per sequence against its whole cached context: the fused kernel reads the
+        blocks in place; else they are gathered, padded to the longest, for SDPA."""
         nd = meta.num_decodes
+        o = kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.ctx_lens[:nd], self.scale)
+        if o is not None:
+            return o
         tables = meta.block_tables[:nd]
         max_len = meta.decode_len
         nblocks = -(-max_len // meta.block_size)

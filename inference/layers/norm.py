@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .. import kernels
 
 
 class RMSNorm(nn.Module):
@@ -11,7 +12,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op: per-op overhead dominates small decode steps on CPU. It
-        # accumulates in float32 for bf16 inputs, like the reference implementation.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x); with `residual`, (rms_norm(x + residual), x + residual), the sum
+        written into x (a layer's fresh output): the add fused into the norm, as in vLLM."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)

@@ -52,11 +52,10 @@ class RotaryEmbedding(nn.Module):
         # table so a step gathers cos and sin in a single op.
         self.register_buffer("table", torch.stack((emb.cos(), sin), dim=1), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token tables [T, 1, D] (the sine sign-folded, for `apply_rotary` only),
-        computed once per step and shared by every layer."""
-        cs = self.table.index_select(0, positions).to(dtype)
-        return cs[:, :1], cs[:, 1:]
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-token tables [T, 2, D]: cos, then the sign-folded sine (for `kernels.rope_kv`
+        only), computed once per step and shared by every layer."""
+        return self.table.index_select(0, positions).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -80,11 +79,10 @@ class MRotaryEmbedding(RotaryEmbedding):
         # Which position row each of the D table columns reads (both halves of rotate-half).
         self.register_buffer("axis", torch.cat((axis, axis)), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if positions.dim() == 1:
             return super().cos_sin(positions, dtype)
         k, t = positions.shape
         rows = self.table.index_select(0, positions.reshape(-1)).view(k, t, 2, -1)
         # Column d of every token comes from the row of its axis: one gather over the axes.
-        cs = rows.gather(0, self.axis.view(1, 1, 1, -1).expand(1, t, 2, -1))[0].to(dtype)
-        return cs[:, :1], cs[:, 1:]
+        return rows.gather(0, self.axis.view(1, 1, 1, -1).expand(1, t, 2, -1))[0].to(dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from ..config import LayerRange, ModelConfig
 from ..layers.activation import SiluAndMul
 from ..layers.attention import Attention, AttentionMetadata
@@ -12,10 +13,9 @@ from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
 from ..layers.quant import QuantSpec
-from ..layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
+from ..layers.rotary import MRotaryEmbedding, RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-CosSin = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
@@ -30,12 +30,12 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, layer_idx, attn_backend)
 
-    def forward(self, x: torch.Tensor, rope: CosSin, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
-        # Queries and keys are adjacent heads of the merged output: rotate them in one go.
-        h, kv = self.num_heads, self.num_kv_heads
-        qk = apply_rotary(qkv[:, : h + kv], rope)
-        o = self.attn(qk[:, :h], qk[:, h:], qkv[:, h + kv :], meta, cache)
+        # Queries and keys are adjacent heads of the merged output: rotated in one go, and the
+        # keys and values written to the cache in the same pass.
+        q, k, v = kernels.rope_kv(qkv, rope, self.num_heads, self.num_kv_heads, cache, meta.slot_mapping)
+        o = self.attn(q, k, v, meta, cache)
         return self.o_proj(o.flatten(1))
 
 
@@ -60,9 +60,22 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, rope: CosSin, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, meta, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the stream after the layer
+        is their sum, which the next layer's norm adds (fused) or the model's end."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, rope, meta, cache), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -90,8 +103,11 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(x) if self.embed_tokens is not None and not x.is_floating_point() else x
         if self.layers:
             rope = self.rotary.cos_sin(positions, h.dtype)
+            residual: torch.Tensor | None = None
             for layer, cache in zip(self.layers, caches):
-                h = layer(h, rope, meta, cache)
+                h, residual = layer(h, residual, rope, meta, cache)
+            assert residual is not None
+            h = h + residual
         return h
 
 

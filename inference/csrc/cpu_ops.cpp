@@ -1,0 +1,386 @@
+// Fused CPU kernels for the decode step; inference/kernels.py builds this file once, loads it
+// as torch.ops.ringllm.*, and holds the torch reference each kernel must match.
+//
+// Why: one decode step of a small model on a CPU spends more time dispatching tiny torch ops
+// (about 50 per layer, a few microseconds each) than multiplying. Each kernel here replaces a
+// run of them with one loop over the data: RMSNorm with the residual add, RoPE with the KV
+// cache write, attention over the paged cache without gathering it, and SiLU-and-multiply.
+// The matmuls stay torch's.
+//
+// Every index a peer can influence (cache slots, block tables, context lengths) is checked
+// before use: a stage receives them from the master over the network.
+//
+// Rounding follows the torch path: each step that torch rounds to the tensor's dtype is
+// rounded here too (the `round_to` casts), and the build turns off FMA contraction, so for
+// float32 RoPE and the residual add give the same bits; sums (norm, attention) differ in the
+// order of addition only.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+// Forced: GCC otherwise calls fast_exp out of line, which keeps the loops around it scalar.
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kLanes = 16;  // independent accumulators: a vertical loop vectorizes without -ffast-math
+
+template <typename T>
+ALWAYS_INLINE float f32(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T>
+ALWAYS_INLINE float round_to(float x) {  // x stored as T and read back: torch's rounding after an op
+  return static_cast<float>(static_cast<T>(x));
+}
+
+// e^x within 2 ulp (Cephes' range reduction and polynomial); branch-free so it vectorizes.
+// Above 88.8 it is +inf, as expf: with a finite cap GCC evaluates the capped case's constant
+// quotient for every lane (silu: g / 2e38), whose subnormal results cost ~100 cycles each.
+ALWAYS_INLINE float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.8f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+// The lanes summed pairwise: vector adds, where a left-to-right sum would be 16 scalar ones.
+ALWAYS_INLINE float lane_sum(float* acc) {
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
+template <typename T>
+float sum_squares(const T* x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += f32(x[i + j]) * f32(x[i + j]);
+  float s = 0.f;
+  for (; i < n; ++i) s += f32(x[i]) * f32(x[i]);
+  return s + lane_sum(acc);
+}
+
+template <typename T>
+ALWAYS_INLINE float dot_generic(const float* q, const T* k, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += q[i + j] * f32(k[i + j]);
+  float s = 0.f;
+  for (; i < n; ++i) s += q[i] * f32(k[i]);
+  return s + lane_sum(acc);
+}
+
+#if defined(__AVX512F__)
+// 16 cache values as floats in one register.
+ALWAYS_INLINE __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+ALWAYS_INLINE __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+ALWAYS_INLINE __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// q . k over n values: a decode step computes one per (query head, context row), so the
+// horizontal sum at its end must stay in registers (the generic loop's spills to memory
+// made it ~5x slower).
+template <typename T>
+ALWAYS_INLINE float dot(const float* q, const T* k, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, double>) {
+    if (n % 16 == 0) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; i += 16) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(q + i), load16(k + i)));
+      return _mm512_reduce_add_ps(acc);
+    }
+  }
+#endif
+  return dot_generic(q, k, n);
+}
+
+// Rows of at least this many elements in total are split over threads; smaller work runs
+// inline, since waking the thread pool costs more than a decode step's row.
+// (The loops' lambdas capture by value: with captured references the compiler cannot rule
+// out aliasing and leaves the loops scalar.)
+constexpr int64_t kParallelElements = 1 << 15;
+
+int64_t grain(int64_t per_item) {
+  return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, per_item));
+}
+
+void check_rows(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "expected a contiguous [rows, hidden] tensor");
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && w.numel() == x.size(1), "weight does not match hidden size");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight and input dtypes differ");
+}
+
+// out = rms_norm(x) * w, row by row; with `res`, x += res first (in place: x becomes the
+// residual stream). As torch's rms_norm: normalize and scale in float, then round once.
+template <typename T>
+void rms_rows(T* x, const T* res, const T* w, T* out, int64_t rows, int64_t h, double eps) {
+  at::parallel_for(0, rows, grain(h), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = x + r * h;
+      if (res != nullptr) {
+        const T* rr = res + r * h;
+        for (int64_t i = 0; i < h; ++i) xr[i] = static_cast<T>(f32(xr[i]) + f32(rr[i]));
+      }
+      const float inv = 1.f / std::sqrt(sum_squares(xr, h) / static_cast<float>(h) + static_cast<float>(eps));
+      T* o = out + r * h;
+      for (int64_t i = 0; i < h; ++i) o[i] = static_cast<T>(f32(xr[i]) * inv * f32(w[i]));
+    }
+  });
+}
+
+Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
+  check_rows(x, w);
+  Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_rows<scalar_t>(const_cast<scalar_t*>(x.const_data_ptr<scalar_t>()), nullptr, w.const_data_ptr<scalar_t>(),
+                       out.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1), eps);
+  });
+  return out;
+}
+
+Tensor add_rms_norm_(Tensor x, const Tensor& residual, const Tensor& w, double eps) {
+  check_rows(x, w);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.is_contiguous() && residual.scalar_type() == x.scalar_type(),
+              "residual does not match the input");
+  Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm_", [&] {
+    rms_rows<scalar_t>(x.mutable_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
+                       w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1), eps);
+  });
+  return out;
+}
+
+void check_cache(const Tensor& k_cache, const Tensor& v_cache, const Tensor& like, int64_t kv_heads, int64_t dim) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous(),
+              "expected two contiguous [blocks, block_size, kv_heads, head_dim] caches");
+  TORCH_CHECK(k_cache.size(2) == kv_heads && k_cache.size(3) == dim, "cache heads do not match");
+  TORCH_CHECK(k_cache.scalar_type() == like.scalar_type() && v_cache.scalar_type() == like.scalar_type(),
+              "cache dtype differs from the activations'");
+}
+
+// Rotates the query and key heads of qkv [T, q_heads + 2 kv_heads, D] in place
+// (x * cos + roll(x, D/2) * sin, the sine sign-folded as in layers/rotary.py) and writes the
+// rotated keys and the values to their cache rows.
+template <typename T>
+void rope_kv_impl(Tensor& qkv, const Tensor& cos_sin, Tensor& k_cache, Tensor& v_cache, const int64_t* slots,
+                  int64_t q_heads, int64_t kv_heads) {
+  const int64_t tokens = qkv.size(0), heads = qkv.size(1), d = qkv.size(2), half = d / 2;
+  T* base = qkv.mutable_data_ptr<T>();
+  const T* table = cos_sin.const_data_ptr<T>();
+  T* kc = k_cache.mutable_data_ptr<T>();
+  T* vc = v_cache.mutable_data_ptr<T>();
+  at::parallel_for(0, tokens, grain(heads * d), [=](int64_t begin, int64_t end) {
+    std::vector<float> x(d);
+    for (int64_t t = begin; t < end; ++t) {
+      const T* cos = table + t * 2 * d;
+      const T* sin = cos + d;
+      T* row = base + t * heads * d;
+      for (int64_t h = 0; h < q_heads + kv_heads; ++h) {
+        T* head = row + h * d;
+        for (int64_t i = 0; i < d; ++i) x[i] = f32(head[i]);
+        for (int64_t i = 0; i < d; ++i) {  // x[i + half] for the first half, x[i - half] after
+          const float partner = i < half ? x[i + half] : x[i - half];
+          head[i] = static_cast<T>(round_to<T>(x[i] * f32(cos[i])) + round_to<T>(partner * f32(sin[i])));
+        }
+      }
+      const int64_t slot = slots[t];
+      std::memcpy(kc + slot * kv_heads * d, row + q_heads * d, kv_heads * d * sizeof(T));
+      std::memcpy(vc + slot * kv_heads * d, row + (q_heads + kv_heads) * d, kv_heads * d * sizeof(T));
+    }
+  });
+}
+
+void rope_kv(Tensor qkv, const Tensor& cos_sin, Tensor k_cache, Tensor v_cache, const Tensor& slot_mapping,
+             int64_t q_heads, int64_t kv_heads) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && qkv.size(1) == q_heads + 2 * kv_heads,
+              "expected contiguous qkv [tokens, q_heads + 2 kv_heads, head_dim]");
+  const int64_t tokens = qkv.size(0), d = qkv.size(2);
+  TORCH_CHECK(d % 2 == 0, "head_dim must be even");
+  TORCH_CHECK(cos_sin.dim() == 3 && cos_sin.is_contiguous() && cos_sin.size(0) == tokens && cos_sin.size(1) == 2 &&
+                  cos_sin.size(2) == d && cos_sin.scalar_type() == qkv.scalar_type(),
+              "expected a contiguous [tokens, 2, head_dim] rotary table in the activations' dtype");
+  check_cache(k_cache, v_cache, qkv, kv_heads, d);
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.numel() == tokens && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.is_contiguous(),
+              "expected one int64 cache slot per token");
+  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  const int64_t rows = k_cache.size(0) * k_cache.size(1);
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < rows, "cache slot ", slots[t], " out of range [0, ", rows, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_kv", [&] {
+    rope_kv_impl<scalar_t>(qkv, cos_sin, k_cache, v_cache, slots, q_heads, kv_heads);
+  });
+}
+
+// One query token per sequence against its cached context, read in place from the blocks its
+// table names. Work item = (sequence, KV head): the query heads sharing that KV head read each
+// key and value row once.
+template <typename T>
+void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const int64_t* tables,
+                           int64_t table_width, const std::vector<int64_t>& ctx, double scale, Tensor& out) {
+  const int64_t seqs = q.size(0), q_heads = q.size(1), d = q.size(2);
+  const int64_t block = k_cache.size(1), kv_heads = k_cache.size(2), group = q_heads / kv_heads;
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kc = k_cache.const_data_ptr<T>();
+  const T* vc = v_cache.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  const int64_t* lens = ctx.data();
+  int64_t longest = 0, total = 0;
+  for (int64_t n : ctx) {
+    longest = std::max(longest, n);
+    total += n;
+  }
+  const int64_t items = seqs * kv_heads;
+  // Inline when the whole step is small (a short sequence or two); else one item per task.
+  const int64_t g = total * q_heads * d < 8 * kParallelElements ? items : 1;
+  at::parallel_for(0, items, g, [=](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * d), acc(group * d), scores(group * longest);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / kv_heads, kvh = item % kv_heads, len = lens[s];
+      const int64_t* table = tables + s * table_width;
+      for (int64_t j = 0; j < group; ++j)
+        for (int64_t i = 0; i < d; ++i) qf[j * d + i] = f32(qp[s * qs0 + (kvh * group + j) * qs1 + i]) * scale;
+      // Row t of the context is row t % block of block table[t / block]: walk it block by block.
+      for (int64_t t0 = 0; t0 < len; t0 += block) {
+        const T* krows = kc + (table[t0 / block] * block * kv_heads + kvh) * d;
+        for (int64_t t = t0; t < std::min(len, t0 + block); ++t) {
+          const T* krow = krows + (t - t0) * kv_heads * d;
+          for (int64_t j = 0; j < group; ++j) scores[j * len + t] = dot(&qf[j * d], krow, d);
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < group; ++j) {
+        float* sc = &scores[j * len];
+        const float top = *std::max_element(sc, sc + len);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          sc[t] = fast_exp(sc[t] - top);
+          sum += sc[t];
+        }
+        const float norm = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) sc[t] *= norm;
+      }
+      for (int64_t t0 = 0; t0 < len; t0 += block) {
+        const T* vrows = vc + (table[t0 / block] * block * kv_heads + kvh) * d;
+        for (int64_t t = t0; t < std::min(len, t0 + block); ++t) {
+          const T* vrow = vrows + (t - t0) * kv_heads * d;
+          for (int64_t j = 0; j < group; ++j) {
+            const float p = scores[j * len + t];
+            float* a = &acc[j * d];
+            for (int64_t i = 0; i < d; ++i) a[i] += p * f32(vrow[i]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < group; ++j)
+        for (int64_t i = 0; i < d; ++i) op[(s * q_heads + kvh * group + j) * d + i] = static_cast<T>(acc[j * d + i]);
+    }
+  });
+}
+
+Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_tables,
+                        at::IntArrayRef ctx_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "expected q [seqs, heads, head_dim] with contiguous heads");
+  const int64_t seqs = q.size(0), d = q.size(2);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) > 0 && q.size(1) % k_cache.size(2) == 0,
+              "query heads must be a multiple of the cache's KV heads");
+  check_cache(k_cache, v_cache, q, k_cache.size(2), d);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) >= seqs && block_tables.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous(),
+              "expected contiguous int64 block tables, one row per sequence");
+  TORCH_CHECK(static_cast<int64_t>(ctx_lens.size()) == seqs, "expected one context length per sequence");
+  const int64_t width = block_tables.size(1), block = k_cache.size(1), blocks = k_cache.size(0);
+  const int64_t* tables = block_tables.const_data_ptr<int64_t>();
+  std::vector<int64_t> ctx(ctx_lens.begin(), ctx_lens.end());
+  for (int64_t s = 0; s < seqs; ++s) {
+    TORCH_CHECK(ctx[s] >= 1 && ctx[s] <= width * block, "context length ", ctx[s], " does not fit its block table");
+    for (int64_t b = 0; b < (ctx[s] + block - 1) / block; ++b) {
+      const int64_t id = tables[s * width + b];
+      TORCH_CHECK(id >= 0 && id < blocks, "block id ", id, " out of range [0, ", blocks, ")");
+    }
+  }
+  Tensor out = at::empty({seqs, q.size(1), d}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    decode_attention_impl<scalar_t>(q, k_cache, v_cache, tables, width, ctx, scale, out);
+  });
+  return out;
+}
+
+// silu(gate) * up over the merged gate/up projection's output [rows, 2 I] -> [rows, I],
+// rounding after silu as the reference does.
+template <typename T>
+void silu_mul_row(const T* __restrict gate, const T* __restrict up, T* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = f32(gate[i]);
+    out[i] = static_cast<T>(round_to<T>(g / (1.f + fast_exp(-g))) * f32(up[i]));
+  }
+}
+
+template <typename T>
+void silu_mul_impl(const T* x, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, grain(inter), [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(x + r * 2 * inter, x + r * 2 * inter + inter, out + r * inter, inter);
+  });
+}
+
+Tensor silu_mul(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "expected contiguous [rows, 2 * intermediate]");
+  const int64_t inter = x.size(1) / 2;
+  Tensor out = at::empty({x.size(0), inter}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_mul", [&] {
+    silu_mul_impl<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.size(0), inter);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ringllm, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor residual, Tensor weight, float eps) -> Tensor", add_rms_norm_);
+  m.def(
+      "rope_kv(Tensor(a!) qkv, Tensor cos_sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, "
+      "int q_heads, int kv_heads) -> ()",
+      rope_kv);
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, int[] ctx_lens, "
+      "float scale) -> Tensor",
+      decode_attention);
+  m.def("silu_mul(Tensor x) -> Tensor", silu_mul);
+}
