@@ -10,6 +10,7 @@ from inference.config import EngineConfig, SamplingParams
 from inference.engine import Engine
 from inference.layers.linear import MergedColumnParallelLinear
 from inference.layers.quant import (
+    AMX_DENSE_ROWS,
     INT4_GROUP,
     FbgemmInt8,
     Int4Pack,
@@ -30,8 +31,8 @@ ZEN3 = frozenset({"avx2", "fma", "f16c"})
 
 def test_the_kernel_follows_the_cpu():
     assert choose("none", "cpu", AMX, True) is None
-    assert choose("int4", "cpu", AMX, True) == QuantSpec("int4", "int4pack", "int8pack", dense_rows=16)
-    assert choose("int8", "cpu", AMX, True) == QuantSpec("int8", "int8pack", "int8pack", dense_rows=16)
+    assert choose("int4", "cpu", AMX, True) == QuantSpec("int4", "int4pack", "int8pack", dense_rows=AMX_DENSE_ROWS)
+    assert choose("int8", "cpu", AMX, True) == QuantSpec("int8", "int8pack", "int8pack", dense_rows=AMX_DENSE_ROWS)
     assert choose("int4", "cpu", ZEN4, True) == QuantSpec("int4", "int4pack", "int8pack")  # no AMX: no bf16 copy
     # AVX2 only: the pack kernels have no fast path there; fbgemm's int8 serves both formats.
     assert choose("int4", "cpu", ZEN3, True) == QuantSpec("int4", "fbgemm", "fbgemm")

@@ -249,14 +249,14 @@ void rope_kv(Tensor qkv, const Tensor& cos_sin, Tensor k_cache, Tensor v_cache, 
 }
 
 // One query token per sequence against its cached context, read in place from the blocks its
-// table names. Work item = (sequence, KV head): the query heads sharing that KV head read each
-// key and value row once.
+// table names. Work item = one sequence: each cached token's keys (and values) of all KV heads
+// are one contiguous row, read front to back; the query heads sharing a KV head reuse it.
 template <typename T>
 void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const int64_t* tables,
                            int64_t table_width, const std::vector<int64_t>& ctx, double scale, Tensor& out) {
   const int64_t seqs = q.size(0), q_heads = q.size(1), d = q.size(2);
   const int64_t block = k_cache.size(1), kv_heads = k_cache.size(2), group = q_heads / kv_heads;
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), row = kv_heads * d;
   const T* qp = q.const_data_ptr<T>();
   const T* kc = k_cache.const_data_ptr<T>();
   const T* vc = v_cache.const_data_ptr<T>();
@@ -267,27 +267,25 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
     longest = std::max(longest, n);
     total += n;
   }
-  const int64_t items = seqs * kv_heads;
-  // Inline when the whole step is small (a short sequence or two); else one item per task.
-  const int64_t g = total * q_heads * d < 8 * kParallelElements ? items : 1;
-  at::parallel_for(0, items, g, [=](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), scores(group * longest);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / kv_heads, kvh = item % kv_heads, len = lens[s];
+  // Inline when the whole step is small (a short sequence or two); else one sequence per task.
+  const int64_t g = total * q_heads * d < 8 * kParallelElements ? seqs : 1;
+  at::parallel_for(0, seqs, g, [=](int64_t begin, int64_t end) {
+    std::vector<float> qf(q_heads * d), acc(q_heads * d), scores(q_heads * longest);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t len = lens[s];
       const int64_t* table = tables + s * table_width;
-      for (int64_t j = 0; j < group; ++j)
-        for (int64_t i = 0; i < d; ++i) qf[j * d + i] = f32(qp[s * qs0 + (kvh * group + j) * qs1 + i]) * scale;
+      for (int64_t h = 0; h < q_heads; ++h)
+        for (int64_t i = 0; i < d; ++i) qf[h * d + i] = f32(qp[s * qs0 + h * qs1 + i]) * scale;
       // Row t of the context is row t % block of block table[t / block]: walk it block by block.
       for (int64_t t0 = 0; t0 < len; t0 += block) {
-        const T* krows = kc + (table[t0 / block] * block * kv_heads + kvh) * d;
+        const T* krows = kc + table[t0 / block] * block * row;
         for (int64_t t = t0; t < std::min(len, t0 + block); ++t) {
-          const T* krow = krows + (t - t0) * kv_heads * d;
-          for (int64_t j = 0; j < group; ++j) scores[j * len + t] = dot(&qf[j * d], krow, d);
+          const T* krow = krows + (t - t0) * row;
+          for (int64_t h = 0; h < q_heads; ++h) scores[h * len + t] = dot(&qf[h * d], krow + (h / group) * d, d);
         }
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < group; ++j) {
-        float* sc = &scores[j * len];
+      for (int64_t h = 0; h < q_heads; ++h) {
+        float* sc = &scores[h * len];
         const float top = *std::max_element(sc, sc + len);
         float sum = 0.f;
         for (int64_t t = 0; t < len; ++t) {
@@ -297,19 +295,21 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
         const float norm = 1.f / sum;
         for (int64_t t = 0; t < len; ++t) sc[t] *= norm;
       }
+      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block) {
-        const T* vrows = vc + (table[t0 / block] * block * kv_heads + kvh) * d;
+        const T* vrows = vc + table[t0 / block] * block * row;
         for (int64_t t = t0; t < std::min(len, t0 + block); ++t) {
-          const T* vrow = vrows + (t - t0) * kv_heads * d;
-          for (int64_t j = 0; j < group; ++j) {
-            const float p = scores[j * len + t];
-            float* a = &acc[j * d];
-            for (int64_t i = 0; i < d; ++i) a[i] += p * f32(vrow[i]);
+          const T* vrow = vrows + (t - t0) * row;
+          for (int64_t h = 0; h < q_heads; ++h) {
+            const float p = scores[h * len + t];
+            const T* v = vrow + (h / group) * d;
+            float* a = &acc[h * d];
+            for (int64_t i = 0; i < d; ++i) a[i] += p * f32(v[i]);
           }
         }
       }
-      for (int64_t j = 0; j < group; ++j)
-        for (int64_t i = 0; i < d; ++i) op[(s * q_heads + kvh * group + j) * d + i] = static_cast<T>(acc[j * d + i]);
+      for (int64_t h = 0; h < q_heads; ++h)
+        for (int64_t i = 0; i < d; ++i) op[(s * q_heads + h) * d + i] = static_cast<T>(acc[h * d + i]);
     }
   });
 }

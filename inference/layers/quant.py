@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 INT4_GROUP = 32
 KERNELS = ("dense", "int8pack", "int4pack", "fbgemm")
-AMX_DENSE_ROWS = 16
+AMX_DENSE_ROWS = 6
 
 
 @functools.cache
@@ -71,9 +71,10 @@ class QuantSpec:
     kind: str
     kernel: str
     head_kernel: str
-    # From this many rows on (prefill, big batches) multiply by a bf16 copy of the weight: on
-    # AMX a bf16 matmul beats the int kernels from ~16 rows (3072x576 at 256 rows: bf16 1.3 ms,
-    # int4 8.2 ms; at 1 row int4 0.08 ms, bf16 0.23 ms). Costs the bf16 copy's memory.
+    # From this many rows on (prefill, batches) multiply by a bf16 copy of the weight: on AMX
+    # bf16 reads more bytes but the int kernels' cost grows with the rows (3072x576, 2 cores:
+    # 1 row int4 76 us, bf16 196; 4 rows 140 vs 146; 8 rows 276 vs 185; 16 rows 543 vs 202;
+    # 256 rows 8.2 ms vs 1.3). Costs the bf16 copy's memory.
     dense_rows: int | None = None
 
     def __post_init__(self) -> None:
