@@ -248,6 +248,20 @@ void rope_kv(Tensor qkv, const Tensor& cos_sin, Tensor k_cache, Tensor v_cache, 
   });
 }
 
+// Cached rows sit in blocks scattered over the pool, so the hardware prefetcher stops at each
+// block's end, and the cache of a whole model does not fit in any CPU cache: fetch the key
+// row `kAhead` tokens ahead by hand, and each value row while its key row is read (16 streams
+// x 130 tokens, 30 layers of the default model's shape: 26-27 ms a step without, 15-21 with).
+constexpr int64_t kAhead = 16;
+
+template <typename T>
+ALWAYS_INLINE void prefetch_row(const T* cache, const int64_t* table, int64_t t, int64_t len, int64_t block,
+                                int64_t row) {
+  if (t >= len) return;
+  const char* p = reinterpret_cast<const char*>(cache + (table[t / block] * block + t % block) * row);
+  for (int64_t off = 0; off < row * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
 // One query token per sequence against its cached context, read in place from the blocks its
 // table names. Work item = one sequence: each cached token's keys (and values) of all KV heads
 // are one contiguous row, read front to back; the query heads sharing a KV head reuse it.
@@ -281,6 +295,8 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
         const T* krows = kc + table[t0 / block] * block * row;
         for (int64_t t = t0; t < std::min(len, t0 + block); ++t) {
           const T* krow = krows + (t - t0) * row;
+          prefetch_row(kc, table, t + kAhead, len, block, row);
+          prefetch_row(vc, table, t, len, block, row);  // read after the softmax: in cache by then
           for (int64_t h = 0; h < q_heads; ++h) scores[h * len + t] = dot(&qf[h * d], krow + (h / group) * d, d);
         }
       }
