@@ -10,7 +10,9 @@ greedily (end-of-turn ignored); tok/s = new tokens / wall time of the whole gene
 `vs HF` compares with transformers at the row's dtype (llama.cpp: the first dtype);
 `agree` is the common prefix of the row's tokens with our first dtype's float ("none") ones.
 `--torch-ops` adds a row per quant with the fused CPU kernels off (inference/kernels.py), to
-show what they gain in the same run.
+show what they gain in the same run. `--ceiling` adds a row per quant timing only the model's
+matmuls (each layer's four and the LM head, one row each, as many times as tokens): the
+speed no decode step with these weights and kernels can beat on this machine.
 Prints the CPU, a table; writes bench/results/decode.json.
 """
 
@@ -67,6 +69,25 @@ def time_ours_torch_ops(engine: Engine, ids: list[int], n: int) -> tuple[float, 
         return time_ours(engine, ids, n)
 
 
+def time_matmuls(engine: Engine, ids: list[int], n: int) -> tuple[float, list[int] | None]:
+    model = engine.runner.model  # an in-process ModelRunner
+    cfg = model.config
+    h = torch.zeros(1, cfg.hidden_size)
+    attn_out = torch.zeros(1, cfg.num_heads * cfg.head_dim)
+    inter = torch.zeros(1, cfg.intermediate_size)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        for _ in range(n):
+            for layer in model.model.layers:
+                layer.self_attn.qkv_proj(h)
+                layer.self_attn.o_proj(attn_out)
+                layer.mlp.gate_up_proj(h)
+                layer.mlp.down_proj(inter)
+            model.lm_head(h)
+        dt = time.perf_counter() - t
+    return n / dt, None
+
+
 def time_hf(model, ids: list[int], n: int) -> tuple[float, list[int]]:
     x = torch.tensor([ids])
     t = time.perf_counter()
@@ -121,6 +142,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--torch-ops", action="store_true", help="also time ours with the fused CPU kernels off")
+    ap.add_argument("--ceiling", action="store_true", help="also time only the model's matmuls (the floor)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -143,6 +165,8 @@ def main() -> None:
         timers = {("ours", q): (time_ours, e) for q, e in engines.items()}
         if args.torch_ops:
             timers.update({("ours, torch ops", q): (time_ours_torch_ops, e) for q, e in engines.items()})
+        if args.ceiling:
+            timers.update({("matmuls only", q): (time_matmuls, e) for q, e in engines.items()})
         timers["transformers", "none"] = (time_hf, hf)
         if llm is not None:
             timers["llama.cpp", "gguf"] = (time_llama_cpp, llm)
@@ -160,7 +184,7 @@ def main() -> None:
                 cpp_runs += r
                 cpp_tokens = tokens[backend, quant]
                 continue
-            resolved = engines[quant].loaded.quant if backend.startswith("ours") else "none"
+            resolved = engines[quant].loaded.quant if backend != "transformers" else "none"
             found.append(dict(backend=backend, dtype=dtype, quant=resolved, tok_s=statistics.median(r), runs=r))
             found[-1]["tokens"] = tokens[backend, quant]
         hf_tok_s = statistics.median(runs["transformers", "none"])
@@ -186,7 +210,8 @@ def main() -> None:
         )
     ref = next((r for r in rows if r["backend"] == "ours" and r["quant"] == "none"), rows[0])["tokens"]
     for r in rows:
-        r["agree_with_float"] = common_prefix(r.pop("tokens"), ref)
+        got = r.pop("tokens")
+        r["agree_with_float"] = None if got is None else common_prefix(got, ref)
         if llm is not None:
             r["vs_llama_cpp"] = r["tok_s"] / rows[-1]["tok_s"]
 
@@ -195,7 +220,7 @@ def main() -> None:
         cpp_col = f"{r['vs_llama_cpp']:>14.2f}" if "vs_llama_cpp" in r else f"{'-':>14}"
         print(
             f"{r['backend']:<17}{r['dtype']:<11}{r['quant']:<7}{r['tok_s']:>8.1f}{r['vs_hf']:>8.2f}{cpp_col}"
-            f"{r['agree_with_float']:>7}"
+            f"{'-' if r['agree_with_float'] is None else r['agree_with_float']:>7}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,8 @@ def load() -> bool:
                     log.info("compiled the fused CPU kernels in %.1f s into %s", time.perf_counter() - t, target.parent)
                 _state.update(ok=True)
             except Exception as e:  # no compiler, no ninja, a failed build: torch ops still work
-                _state.update(ok=False, why=f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
+                last = (str(e).strip().splitlines() or [""])[-1]  # a compiler's log ends with the cause
+                _state.update(ok=False, why=f"{type(e).__name__}: {last}")
         if _state["ok"]:
             log.info("decode step: fused CPU kernels")
         else:
