@@ -196,12 +196,10 @@ def check_port(host: str, port: int) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads: spinning OpenMP threads make a CPU-shared server crawl (3-6x
-    # slower decoding measured on a busy 2-core machine); set it to ACTIVE to override. A
-    # short spin (GNU OpenMP, ~20k iterations) still bridges the gaps between one step's
-    # matmuls, each of which would otherwise wake a sleeping thread: one stream of the default
-    # model, int4, 2 cores, 36.0 -> 42.9 tok/s, 16 streams 150.7 -> 160.2.
+    # slower decoding measured on a busy 2-core machine); set it to ACTIVE to override. (A
+    # short spin, GOMP_SPINCOUNT=20000, did not help one int4 stream: 38.6-41.7 tok/s over
+    # four runs against 36.0-48.0 without.)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
     args = build_parser().parse_args(argv)
     from inference import cli
 
