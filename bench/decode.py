@@ -2,7 +2,7 @@
 and, when llama-cpp-python is installed, llama.cpp on the same GGUF, same run.
 
     .venv/bin/python bench/decode.py [--dtypes float32 bfloat16] [--quants none int8 int4]
-                                     [--tokens 128] [--repeats 3] [--torch-ops]
+                                     [--tokens 128] [--repeats 3] [--torch-ops] [--ceiling]
 
 Every side gets the same chat prompt token ids and generates exactly `--tokens` new tokens
 greedily (end-of-turn ignored); tok/s = new tokens / wall time of the whole generation
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--torch-ops", action="store_true", help="also time ours with the fused CPU kernels off")
-    ap.add_argument("--ceiling", action="store_true", help="also time only the model's matmuls (the floor)")
+    ap.add_argument("--ceiling", action="store_true", help="also time only the model's matmuls (the speed ceiling)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM

@@ -119,8 +119,8 @@ def torch_ops_only():
         _off = False
 
 
-def _native(*tensors: torch.Tensor) -> bool:
-    return available() and all(t.device.type == "cpu" for t in tensors)
+def _native(x: torch.Tensor) -> bool:
+    return available() and x.device.type == "cpu"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,15 +151,15 @@ def rope_kv(
     [T, 2, D] from RotaryEmbedding.cos_sin), writes keys and values to their cache slots, and
     returns the rotated (q, k) and v as views of the step's tensors."""
     k_cache, v_cache = kv_cache
-    h = q_heads
+    h, kv = q_heads, kv_heads
     if _native(qkv) and qkv.is_contiguous() and cos_sin.is_contiguous():
-        torch.ops.ringllm.rope_kv(qkv, cos_sin, k_cache, v_cache, slot_mapping, q_heads, kv_heads)
+        torch.ops.ringllm.rope_kv(qkv, cos_sin, k_cache, v_cache, slot_mapping, h, kv)
         qk = qkv
     else:
-        qk = apply_rotary(qkv[:, : h + kv_heads], (cos_sin[:, :1], cos_sin[:, 1:]))
-        k_cache.view(-1, kv_heads, qkv.shape[-1]).index_copy_(0, slot_mapping, qk[:, h:])
-        v_cache.view(-1, kv_heads, qkv.shape[-1]).index_copy_(0, slot_mapping, qkv[:, h + kv_heads :])
-    return qk[:, :h], qk[:, h : h + kv_heads], qkv[:, h + kv_heads :]
+        qk = apply_rotary(qkv[:, : h + kv], (cos_sin[:, :1], cos_sin[:, 1:]))
+        k_cache.view(-1, kv, qkv.shape[-1]).index_copy_(0, slot_mapping, qk[:, h:])
+        v_cache.view(-1, kv, qkv.shape[-1]).index_copy_(0, slot_mapping, qkv[:, h + kv :])
+    return qk[:, :h], qk[:, h : h + kv], qkv[:, h + kv :]
 
 
 def decode_attention(
