@@ -29,16 +29,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .layers.quant import cpu_flags
 from .layers.rotary import apply_rotary
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+# The elementwise and attention kernels, and the quantized matmuls (one library).
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_ops.cpp")]
 LIB_NAME = "ringllm_cpu_ops"
 # -ffp-contract=off: no fused multiply-adds, so float32 RoPE and residual adds round exactly
 # as torch's separate ops do; -fno-trapping-math (results unchanged) lets the exp loops vectorize.
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math"] + (
+# -fopenmp: at::parallel_for is a header template that runs serially without it; the library
+# then shares torch's own OpenMP runtime (same soname, already loaded), so one thread pool.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", *OPENMP] + (
     ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
 )
 
@@ -50,9 +53,13 @@ _off = False  # set by torch_ops_only()
 def cache_dir() -> Path:
     """Where this machine's build lives: a hash of the source, the flags, torch and the CPU,
     so an upgrade or a home folder shared by different CPUs never loads a stale build."""
+    from .layers.quant import cpu_flags  # which imports this module
+
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), sys.version.encode()):
-        key.update(part)
+    for source in SOURCES:
+        key.update(source.read_bytes())
+    for part in (" ".join(CFLAGS), torch.__version__, sys.version):
+        key.update(part.encode())
     key.update(" ".join(sorted(cpu_flags())).encode())
     root = Path(os.environ.get("RINGLLM_CACHE", Path.home() / ".cache" / "ringllm"))
     return root / "kernels" / key.hexdigest()[:16]
@@ -67,7 +74,14 @@ def _build(target: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     try:
         # Loads the library into this process too (is_python_module=False: TORCH_LIBRARY ops).
-        built = load(LIB_NAME, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(work), is_python_module=False)
+        built = load(
+            LIB_NAME,
+            [str(s) for s in SOURCES],
+            extra_cflags=CFLAGS,
+            extra_ldflags=OPENMP,
+            build_directory=str(work),
+            is_python_module=False,
+        )
         os.replace(built, target)  # atomic: another process sees all of it or nothing
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -100,6 +114,12 @@ def load() -> bool:
         else:
             log.warning("decode step: torch ops only, fused CPU kernels unavailable (%s)", _state["why"])
         return bool(_state["ok"])
+
+
+def loaded() -> bool:
+    """Whether the library is loaded (the quantized matmuls use it even inside
+    `torch_ops_only()`, which turns off the fused elementwise kernels only)."""
+    return bool(_state.get("ok"))
 
 
 def available() -> bool:

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from . import kernels
 from .config import LayerRange, ModelConfig
 from .errors import InvalidParameter, ModelNotFound, UnsupportedModel
 from .layers.linear import default_weight_loader
@@ -147,7 +148,8 @@ def load_model(
         rng = LayerRange(*(layers or (0, cfg.num_layers)), cfg.num_layers)
     kind = resolve_quant(quant, source, device)
     try:
-        spec = choose(kind, device)
+        # Our integer kernels where they build (once per machine; torch's pack kernels otherwise).
+        spec = choose(kind, device, native=kind != "none" and device.startswith("cpu") and kernels.load())
     except ValueError as e:
         raise InvalidParameter("quant", str(e)) from None
     cls = model_class(cfg.architecture)

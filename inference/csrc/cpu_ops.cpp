@@ -5,7 +5,7 @@
 // (about 50 per layer, a few microseconds each) than multiplying. Each kernel here replaces a
 // run of them with one loop over the data: RMSNorm with the residual add, RoPE with the KV
 // cache write, attention over the paged cache without gathering it, and SiLU-and-multiply.
-// The matmuls stay torch's.
+// The quantized matmuls are in quant_ops.cpp; float ones stay torch's.
 //
 // Every index a peer can influence (cache slots, block tables, context lengths) is checked
 // before use: a stage receives them from the master over the network.

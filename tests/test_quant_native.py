@@ -1,0 +1,122 @@
+"""Our integer matmul kernels (inference/csrc/quant_ops.cpp) against the same arithmetic
+written in torch: activations rounded to int8 per block of 32, codes times codes, one scale
+per block. Every path is covered: the 16-row groups and the rows after them, the 4-block
+chunks and a shorter last one, 1 to 9 activation rows (row tiles of 4 and their remainder),
+bf16 input; plus exact Q4_1 codes, the kernel choice, and clear errors for bad shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference import kernels
+from inference.layers.quant import AMX_DENSE_ROWS, INT4_GROUP, Q4Native, Q8Native, QuantSpec, choose, pack, vnni
+from tests.test_quant import AMX, ZEN3, ZEN4, q4_1_weight
+
+pytestmark = pytest.mark.skipif(not kernels.load(), reason="compiled kernels unavailable (no C++ compiler?)")
+
+SPR = AMX | {"avx512_vnni", "avx512bw"}
+ZEN4_VNNI = ZEN4 | {"avx512_vnni", "avx512bw"}
+
+
+def rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: each block of 32 values (the last may be shorter) rounded to
+    int8 steps of max|x| / 127."""
+    x = x.float()
+    out = torch.empty_like(x)
+    for lo in range(0, x.shape[1], INT4_GROUP):
+        blk = x[:, lo : lo + INT4_GROUP]
+        scale = blk.abs().amax(dim=1, keepdim=True) / 127
+        out[:, lo : lo + INT4_GROUP] = torch.where(scale > 0, torch.round(blk / scale.clamp(min=1e-30)) * scale, 0.0)
+    return out
+
+
+def reference(p: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    w = p.dequantized().double()
+    if isinstance(p, Q4Native):  # the min term takes the activations' exact block sums
+        mins = p.mins.t().double().repeat_interleave(INT4_GROUP, 1)
+        return (rounded_activations(x).double() @ (w - mins).t() + x.double() @ mins.t()).float()
+    return (rounded_activations(x).double() @ w.t()).float()
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    # float32: only the order of the float sums differs; bf16: the output's own rounding.
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (got.float() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("cls", [Q4Native, Q8Native])
+@pytest.mark.parametrize("shape", [(48, 576), (576, 96), (40, 160), (16, 32)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_kernel_matches_the_same_arithmetic_in_torch(cls, shape, rows):
+    # 576 = 4 full chunks + 2 blocks; 96, 160: shorter chunks only or a 1-block tail; 40 rows:
+    # two groups of 16 and 8 rows after them.
+    torch.manual_seed(rows)
+    w = torch.randn(*shape) * 0.05
+    x = torch.randn(rows, shape[1])
+    p = cls(w)
+    got = p(x)
+    assert got.shape == (rows, shape[0]) and got.dtype == torch.float32
+    assert_matches(got, reference(p, x), torch.float32)
+
+
+@pytest.mark.parametrize("cls", [Q4Native, Q8Native])
+def test_bf16_input_and_extra_dims(cls):
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    x = torch.randn(2, 3, 128).bfloat16()
+    p = cls(w)
+    got = p(x)
+    assert got.shape == (2, 3, 64) and got.dtype == torch.bfloat16
+    assert_matches(got.reshape(6, 64), reference(p, x.reshape(6, 128)), torch.bfloat16)
+
+
+def test_q8_widths_that_are_not_a_multiple_of_the_block():
+    torch.manual_seed(0)
+    w = torch.randn(33, 100) * 0.05  # a 4-value last block, 17 rows past the group
+    x = torch.randn(3, 100)
+    p = Q8Native(w)
+    assert_matches(p(x), reference(p, x), torch.float32)
+
+
+def test_zero_rows_and_a_constant_block():
+    w = torch.zeros(16, 64)
+    w[:, 32:] = 0.25  # one block all equal: scale 0, every code 0, the min carries it
+    x = torch.zeros(2, 64)
+    x[1] = 1.0
+    p = Q4Native(w)
+    torch.testing.assert_close(p.dequantized(), w)
+    assert torch.equal(p(x)[0], torch.zeros(16))  # zero activations: a zero scale, no NaN
+    torch.testing.assert_close(p(x)[1], torch.full((16,), 8.0))
+
+
+def test_q4_keeps_q4_1_codes_scales_and_mins_exactly():
+    w, q = q4_1_weight(96, 128)
+    p = Q4Native(w)
+    codes = p.codes.reshape(96, 4, 16)
+    got = torch.cat([codes & 15, codes >> 4], dim=-1).reshape(96, 128)
+    assert torch.equal(got.long(), q)
+    assert torch.equal(p.dequantized(), w)  # float16 scale and min: nothing rounds
+
+
+def test_the_native_kernels_need_vnni_and_the_library():
+    assert choose("int4", "cpu", SPR, True, native=True) == QuantSpec("int4", "q4native", "q8native", AMX_DENSE_ROWS)
+    assert choose("int8", "cpu", ZEN4_VNNI, True, native=True) == QuantSpec("int8", "q8native", "q8native")
+    assert choose("int4", "cpu", SPR, True, native=False).kernel == "int4pack"  # library not built
+    assert choose("int4", "cpu", ZEN3, True, native=True).kernel == "fbgemm"  # no VNNI
+    assert vnni(SPR) and not vnni(AMX)
+    assert isinstance(pack(torch.randn(16, 48), "q4native"), Q8Native)  # 48 columns: no blocks of 32
+    assert isinstance(pack(torch.randn(24, 64), "q4native"), Q4Native)  # any height
+
+
+def test_bad_shapes_are_errors_not_crashes():
+    p = Q4Native(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match=r"activations \[rows, 64\]"):
+        torch.ops.ringllm.q4_linear(torch.randn(1, 32), p.codes, p.scales, p.mins)
+    with pytest.raises(RuntimeError, match="q4 mins"):
+        torch.ops.ringllm.q4_linear(torch.randn(1, 64), p.codes, p.scales, p.mins.t().contiguous())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.ringllm.q4_linear(torch.randn(1, 64).double(), p.codes, p.scales, p.mins)
+    q = Q8Native(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="q8 scale"):
+        torch.ops.ringllm.q8_linear(torch.randn(1, 64), q.codes, q.scale[:16])
