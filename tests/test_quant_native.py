@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from inference import kernels
+from inference.layers.linear import MergedColumnParallelLinear
 from inference.layers.quant import AMX_DENSE_ROWS, INT4_GROUP, Q4Native, Q8Native, QuantSpec, choose, pack, vnni
 from tests.test_quant import AMX, ZEN3, ZEN4, q4_1_weight
 
@@ -120,3 +121,13 @@ def test_bad_shapes_are_errors_not_crashes():
     q = Q8Native(torch.randn(32, 64))
     with pytest.raises(RuntimeError, match="q8 scale"):
         torch.ops.ringllm.q8_linear(torch.randn(1, 64), q.codes, q.scale[:16])
+
+
+def test_a_layer_calls_the_kernel_straight_from_matmul():
+    torch.manual_seed(0)
+    layer = MergedColumnParallelLinear(96, [64], quant=QuantSpec("int4", "q4native", "q8native"))
+    layer.weight.data.normal_()
+    layer.process_weights_after_loading()
+    assert layer.native_call is not None and layer.native_call[0] == torch.ops.ringllm.q4_linear.default
+    x = torch.randn(3, 96)
+    assert torch.equal(layer(x), layer.packed(x))

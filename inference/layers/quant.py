@@ -185,9 +185,16 @@ class Int4Pack(nn.Module):
         return y.to(x.dtype)
 
 
-def _rows(x: torch.Tensor, op, n: int) -> torch.Tensor:
-    """op on x flattened to [rows, K], reshaped back to [..., n]."""
-    return op(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], n)
+# One of our compiled ops and the weight tensors it takes after the activations.
+NativeCall = tuple[Any, tuple[torch.Tensor, ...]]
+
+
+def _native_or_dequantized(p: Q4Native | Q8Native, x: torch.Tensor) -> torch.Tensor:
+    call = p.native() if x.device.type == "cpu" else None
+    if call is None:  # without the library (or off the CPU): correct, slow
+        return F.linear(x, p.dequantized().to(x.dtype))
+    op, weights = call
+    return op(x.reshape(-1, x.shape[-1]), *weights).reshape(*x.shape[:-1], p.shape[0])
 
 
 class Q4Native(nn.Module):
@@ -221,10 +228,11 @@ class Q4Native(nn.Module):
         codes = torch.cat([c & 15, c >> 4], dim=-1).float()  # [out, blocks, 32]
         return (codes * self.scales.float()[..., None] + self.mins.t().float()[..., None]).reshape(self.shape)
 
+    def native(self) -> NativeCall | None:
+        return (torch.ops.ringllm.q4_linear.default, (self.codes, self.scales, self.mins)) if kernels.loaded() else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.loaded() and x.device.type == "cpu":
-            return _rows(x, lambda r: torch.ops.ringllm.q4_linear(r, self.codes, self.scales, self.mins), self.shape[0])
-        return F.linear(x, self.dequantized().to(x.dtype))  # without the library: correct, slow
+        return _native_or_dequantized(self, x)
 
 
 class Q8Native(nn.Module):
@@ -246,10 +254,11 @@ class Q8Native(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return (self.codes.float() - 128) * self.scale[:, None]
 
+    def native(self) -> NativeCall | None:
+        return (torch.ops.ringllm.q8_linear.default, (self.codes, self.scale)) if kernels.loaded() else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.loaded() and x.device.type == "cpu":
-            return _rows(x, lambda r: torch.ops.ringllm.q8_linear(r, self.codes, self.scale), self.shape[0])
-        return F.linear(x, self.dequantized().to(x.dtype))
+        return _native_or_dequantized(self, x)
 
 
 class FbgemmInt8(nn.Module):
@@ -283,17 +292,23 @@ class PackableWeight:
     dense_rows: int | None
     packed: nn.Module | None
     dense_copy: torch.Tensor | None
+    native_call: NativeCall | None
 
     def init_packing(self, quant: QuantSpec | None, head: bool = False) -> None:
         self.kernel = None if quant is None else quant.head_kernel if head else quant.kernel
         self.dense_rows = None if quant is None else quant.dense_rows
         self.packed = None
         self.dense_copy = None
+        self.native_call = None
 
     def process_weights_after_loading(self) -> None:
         if self.kernel is None or self.weight is None:
             return
         self.packed = pack(self.weight.data, self.kernel)
+        # Our compiled kernels are called straight from `matmul`: a decode step runs ~120
+        # matmuls, and the packed module's call and its buffer lookups cost more than a small one.
+        native = getattr(self.packed, "native", None)
+        self.native_call = native() if native is not None else None
         if self.dense_rows is not None:
             self.dense_copy = self.weight.data.to(torch.bfloat16)
         self.weight = None  # a tied embedding keeps its own reference to the float tensor
@@ -301,6 +316,9 @@ class PackableWeight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_copy is not None and self.dense_rows is not None and x.shape[0] >= self.dense_rows:
             return F.linear(x.to(torch.bfloat16), self.dense_copy).to(x.dtype)
+        if self.native_call is not None and x.dim() == 2:
+            op, weights = self.native_call
+            return op(x, *weights)
         if self.packed is not None:
             return self.packed(x)
         assert self.weight is not None
