@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import llama_cpp_baseline  # noqa: E402
 from inference import kernels  # noqa: E402
 from inference.config import EngineConfig, SamplingParams  # noqa: E402
 from inference.engine import Engine  # noqa: E402
@@ -98,37 +99,9 @@ def time_hf(model, ids: list[int], n: int) -> tuple[float, list[int]]:
     return n / dt, out[0, len(ids) :].tolist()
 
 
-def load_llama_cpp():
-    """llama.cpp on the default model's GGUF, or None when llama-cpp-python is not installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    return Llama(model_path=str(smollm2_path()), n_threads=2, n_threads_batch=2, n_ctx=2048, verbose=False)
-
-
-def llama_cpp_version() -> str | None:
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    return llama_cpp.__version__
-
-
 def time_llama_cpp(llm, ids: list[int], n: int) -> tuple[float, list[int]]:
-    """Greedy with llama.cpp's low-level loop: the prompt in one eval, then one eval per new
-    token, each sampled with temperature 0 (argmax), so exactly `n` tokens come out
-    whatever they are (an end-of-turn token does not stop it)."""
-    llm.reset()  # no reuse of the previous run's prompt cache: every run prefills
-    t = time.perf_counter()
-    llm.eval(ids)
-    tokens: list[int] = []
-    while True:
-        tokens.append(llm.sample(temp=0.0))
-        if len(tokens) == n:
-            break
-        llm.eval(tokens[-1:])
-    return n / (time.perf_counter() - t), tokens
+    run = llama_cpp_baseline.greedy(llm, ids, n)
+    return run.tok_s, run.tokens
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -150,7 +123,7 @@ def main() -> None:
     cpu = cpu_info()
     print(f"CPU: {cpu['model']}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu["flags"].items()))
     gguf = smollm2_path()
-    llm = load_llama_cpp()
+    llm = llama_cpp_baseline.load()
     if llm is None:
         print("llama-cpp-python is not installed: no llama.cpp row (see requirements-bench.txt)")
     rows: list[dict] = []
@@ -229,7 +202,7 @@ def main() -> None:
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         machine=platform.machine(),
-        llama_cpp=llama_cpp_version(),
+        llama_cpp=llama_cpp_baseline.version(),
         fused_kernels=kernels.available(),
         repeats=args.repeats,
         metric="new tokens / wall time of generation, median",

@@ -1,7 +1,7 @@
 """Serving throughput and latency of a running server, over its OpenAI-compatible API.
 
     .venv/bin/python bench/serve.py [--url http://127.0.0.1:7860/v1] [--concurrency 1 4 16 32]
-    .venv/bin/python bench/serve.py --start-server [--server-args "--max-batch 32"]
+    .venv/bin/python bench/serve.py --start-server [--server-args "--max-batch 32"] [--llama-cpp 5]
 
 For each concurrency level C, sends --requests-per-level streaming chat completions with
 exactly C in flight (a pool of C workers), each a ~--prompt-tokens user prompt asking for
@@ -358,6 +358,7 @@ async def bench(args, result: dict) -> None:
         status = await asyncio.to_thread(get_json, args.url.removesuffix("/v1") + "/api/status", 5)
         result["meta"].update(model=args.model, server_status=status)
         reps = await size_prompt(client, args)
+        result["meta"]["prompt_reps"] = reps
         alone = await one_request(client, args, make_prompt(reps, "alone"), args.max_tokens)
         if not alone.ok:
             raise BenchError(f"the idle-server request failed: {alone.error}")
@@ -370,6 +371,34 @@ async def bench(args, result: dict) -> None:
             if lv["ok"] == 0 and all(e.startswith("connection error") for e in lv["errors"]):
                 raise BenchError(f"the server stopped answering at C={conc}: {lv['errors'][0]}")
             result["levels"].append(lv)
+
+
+def llama_cpp_one_stream(reps: int, n: int, repeats: int) -> dict | None:
+    """llama.cpp on the default model's GGUF in this process, after the server stopped: the C=1
+    prompt (its token ids by the model's own chat template), `n` greedy tokens, `repeats` runs."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT))
+    from bench import llama_cpp_baseline
+    from inference.detokenizer import apply_chat_template
+    from inference.engine import load_tokenizer
+    from inference.model_source import resolve_model
+
+    llm = llama_cpp_baseline.load()
+    if llm is None:
+        print("llama-cpp-python is not installed: no llama.cpp baseline (see requirements-bench.txt)")
+        return None
+    messages = [{"role": "user", "content": make_prompt(reps, "llama.cpp")}]
+    ids = apply_chat_template(load_tokenizer(resolve_model("smollm2")), messages)
+    llama_cpp_baseline.greedy(llm, ids, 8)  # warm-up
+    runs = [llama_cpp_baseline.greedy(llm, ids, n) for _ in range(repeats)]
+    return dict(
+        version=llama_cpp_baseline.version(),
+        prompt_tokens=len(ids),
+        tok_s=statistics.median(r.tok_s for r in runs),
+        decode_tok_s=statistics.median(r.decode_tok_s for r in runs),
+        runs=[dict(tok_s=r.tok_s, decode_tok_s=r.decode_tok_s) for r in runs],
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -449,6 +478,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a --api-key other than 'none' is passed on too",
     )
     ap.add_argument(
+        "--llama-cpp",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --start-server (default model): after the levels, time llama.cpp (llama-cpp-python) on "
+        "the same GGUF N times in this process, one stream of the C=1 prompt, and print our C=1 level's "
+        "ratio to it (default: off)",
+    )
+    ap.add_argument(
         "--server-timeout",
         type=float,
         default=600.0,
@@ -462,6 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--concurrency values must be positive")
     if not args.url.startswith(("http://", "https://")):
         ap.error(f"--url must start with http:// or https://, got {args.url!r}")
+    if args.llama_cpp and not (args.start_server and "--model" not in shlex.split(args.server_args)):
+        ap.error("--llama-cpp compares the default model: use it with --start-server and no --model")
     args.url = args.url.rstrip("/")
     args.system = ""  # set once the prompt is sized (the sizing probes go without it)
     return args
@@ -523,6 +563,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     meta.update(prompt_tokens=prompt, incomplete=failed)
     print_table(levels, result["ttft_alone_ms"], result["ttft_under_load_ms"], prompt)
+    one = next((lv for lv in levels if lv["concurrency"] == 1 and lv["ok"]), None)
+    if args.llama_cpp and one is not None and "prompt_reps" in meta:
+        result["llama_cpp"] = cpp = llama_cpp_one_stream(meta["prompt_reps"], args.max_tokens, args.llama_cpp)
+        if cpp is not None:
+            ours_decode = 1000 / one["itl_ms"]["p50"]
+            cpp.update(vs_decode=ours_decode / cpp["decode_tok_s"], vs_tok_s=one["agg_tok_s"] / cpp["tok_s"])
+            print(
+                f"llama.cpp {cpp['version']}, one stream in this process ({cpp['prompt_tokens']}-token prompt, "
+                f"median of {args.llama_cpp}): decode {cpp['decode_tok_s']:.1f} tok/s, {cpp['tok_s']:.1f} with "
+                f"the prefill\nours at C=1 through the server: decode (1 / ITL p50) {ours_decode:.1f} tok/s = "
+                f"{cpp['vs_decode']:.2f}x; agg {one['agg_tok_s']:.1f} tok/s (TTFT and HTTP included) = "
+                f"{cpp['vs_tok_s']:.2f}x"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -24,6 +24,7 @@ import uvicorn
 
 from inference.admission import AdmissionLimits
 from inference.async_engine import AsyncEngine
+from inference.compute_thread import in_fresh_thread
 from inference.config import EngineConfig, LayerRange
 from inference.errors import InferenceError, StageFailure
 from ui.images import ImageLimits
@@ -196,7 +197,7 @@ class Master:
     async def _boot(self) -> None:
         """Load the model off the event loop, then hand the cluster to its manager."""
         try:
-            self.manager = await asyncio.to_thread(self._load)
+            self.manager = await in_fresh_thread(self._load, name="load")
         except InferenceError as e:
             self.failure = str(e)
         except Exception as e:  # an unexpected load failure still ends in one line, not a hang

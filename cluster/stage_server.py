@@ -84,6 +84,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self._warn = RefusalLog(log)
         self._replies: dict[tuple[str, StageKeys], StreamSender] = {}  # (reply_to, keys) -> result stream
         self._replies_lock = threading.Lock()  # not _lock: a reader thread must not wait out a step
+        # Every step runs on this one thread, whichever gRPC thread serves the stream: torch's
+        # OpenMP slows down once several threads keep pools (inference/compute_thread.py).
+        self._compute = futures.ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
 
     def install(
         self,
@@ -238,7 +241,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             if stage is None:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "the plan changed; this stream's credentials expired")
                 return  # abort raises; this is for the type checker
-            yield self.run_step(req, stage)
+            yield self._compute.submit(self.run_step, req, stage).result()
 
     def Health(self, request, context):
         stage = self.stage

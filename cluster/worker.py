@@ -17,11 +17,13 @@ import secrets
 import socket
 import sys
 import time
+from functools import partial
 
 import psutil
 import torch
 
 from inference import cli
+from inference.compute_thread import in_fresh_thread
 from inference.config import LayerRange
 from inference.errors import InferenceError
 from inference.loader import LoadedModel, load_model
@@ -189,28 +191,31 @@ class Worker:
                 rng = LayerRange(a.start, a.end, a.num_layers, embed=False, head=False)
                 runner: Runner | None = None
                 if tp > 1:  # ranks 1..N-1 start now and load their shards of the same range
-                    group = await asyncio.to_thread(
-                        start_tp,
-                        a.model,
-                        a.dtype,
-                        self.args.device,
-                        rng,
-                        a.num_blocks,
-                        a.block_size,
-                        tp,
-                        self.args.host,
-                        quant=a.quant,
+                    group = await in_fresh_thread(
+                        partial(
+                            start_tp,
+                            a.model,
+                            a.dtype,
+                            self.args.device,
+                            rng,
+                            a.num_blocks,
+                            a.block_size,
+                            tp,
+                            self.args.host,
+                            quant=a.quant,
+                        )
                     )
                     loaded, runner = group.loaded, group
                 elif mlx:  # the plan's dtype is the wire's: hidden states arrive and leave in it
                     from inference.mlx.runner import MLXRunner
 
-                    on_mlx = await asyncio.to_thread(
+                    on_mlx = await in_fresh_thread(
                         MLXRunner.load, a.model, a.dtype, rng, a.num_blocks, a.block_size, a.quant, self.args.adapter
                     )
                     loaded, runner = on_mlx.loaded, on_mlx
                 else:
-                    loaded = await asyncio.to_thread(load_model, a.model, a.dtype, self.args.device, rng, quant=a.quant)
+                    load = partial(load_model, a.model, a.dtype, self.args.device, rng, quant=a.quant)
+                    loaded = await in_fresh_thread(load)
                 self.servicer.install(
                     loaded, a.num_blocks, a.block_size, a.dtype, a.next_hop, runner, keys=keys, limits=limits(loaded)
                 )

@@ -205,8 +205,16 @@ def test_help_covers_every_flag():
         "--start-server",
         "--server-args",
         "--server-timeout",
+        "--llama-cpp",
     ):
         assert flag in p.stdout
+
+
+def test_the_llama_cpp_baseline_needs_the_default_model_on_a_started_server():
+    for argv in (["--llama-cpp", "3"], ["--start-server", "--server-args", "--model x", "--llama-cpp", "3"]):
+        with pytest.raises(SystemExit):
+            serve.parse_args(argv)
+    assert serve.parse_args(["--start-server", "--llama-cpp", "3"]).llama_cpp == 3
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import time
 import gradio as gr
 
 from inference.async_engine import AsyncEngine
+from inference.compute_thread import in_fresh_thread
 from inference.config import SamplingParams
 from inference.errors import InferenceError, InvalidParameter
 
@@ -148,7 +149,7 @@ class ChatController:
                 raise InvalidParameter("messages", f"{self.engine.model_name} has no vision: it cannot read images")
             if pictures:
                 read = await asyncio.to_thread(read_pictures, pictures, self.image_limits)
-                ids, images = await asyncio.to_thread(self.engine.encode_chat_images, messages, read)
+                ids, images = await in_fresh_thread(self.engine.encode_chat_images, messages, read)
             else:
                 ids = self.engine.encode_chat(messages)
             # A chat UI should not refuse a long reply: cap it to the context left.

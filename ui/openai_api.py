@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from inference.async_engine import AsyncEngine
+from inference.compute_thread import in_fresh_thread
 from inference.config import SamplingParams
 from inference.engine import RequestOutput
 from inference.grammar import Grammar
@@ -100,7 +101,7 @@ async def chat_completions(request: Request) -> Response:
     setup = chat_setup(engine, tools, choice, req.parallel_tool_calls is not False, messages, schema)
     images = None
     if image_refs:
-        ids, images = await asyncio.to_thread(_encode_with_images, request, engine, setup, image_refs)
+        ids, images = await in_fresh_thread(_encode_with_images, request, engine, setup, image_refs)
     else:
         ids = await asyncio.to_thread(encode_setup, engine, setup)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
