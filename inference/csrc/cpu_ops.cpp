@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -386,6 +388,26 @@ Tensor silu_mul(const Tensor& x) {
 }
 
 }  // namespace
+
+namespace ringllm {  // ops.h: the same functions for decode_layer.cpp
+Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
+  return ::rms_norm(x, w, eps);
+}
+Tensor add_rms_norm_(Tensor x, const Tensor& residual, const Tensor& w, double eps) {
+  return ::add_rms_norm_(std::move(x), residual, w, eps);
+}
+void rope_kv(Tensor qkv, const Tensor& cos_sin, Tensor k_cache, Tensor v_cache, const Tensor& slot_mapping,
+             int64_t q_heads, int64_t kv_heads) {
+  ::rope_kv(std::move(qkv), cos_sin, std::move(k_cache), std::move(v_cache), slot_mapping, q_heads, kv_heads);
+}
+Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& block_tables,
+                        at::IntArrayRef ctx_lens, double scale) {
+  return ::decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale);
+}
+Tensor silu_mul(const Tensor& x) {
+  return ::silu_mul(x);
+}
+}  // namespace ringllm
 
 TORCH_LIBRARY(ringllm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);

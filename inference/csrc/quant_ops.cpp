@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -385,6 +387,15 @@ Tensor q8_linear(const Tensor& x_, const Tensor& codes, const Tensor& scale) {
 }
 
 }  // namespace
+
+namespace ringllm {  // ops.h
+Tensor q4_linear(const Tensor& x, const Tensor& codes, const Tensor& scales, const Tensor& mins) {
+  return ::q4_linear(x, codes, scales, mins);
+}
+Tensor q8_linear(const Tensor& x, const Tensor& codes, const Tensor& scale) {
+  return ::q8_linear(x, codes, scale);
+}
+}  // namespace ringllm
 
 TORCH_LIBRARY_FRAGMENT(ringllm, m) {
   m.def("q4_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins) -> Tensor", q4_linear);

@@ -59,6 +59,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._fused: tuple | bool | None = None  # decode_layer's weights; False: not possible; None: not looked yet
 
     def forward(
         self,
@@ -70,12 +71,47 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it); the stream after the layer
         is their sum, which the next layer's norm adds (fused) or the model's end."""
+        if (fused := self._fused_weights(h, residual, meta)) is not None:
+            attn = self.self_attn
+            out, stream = torch.ops.ringllm.decode_layer.default(
+                h, residual, *fused, rope, *cache, meta.slot_mapping, meta.block_tables, meta.ctx_lens,
+                attn.attn.scale, attn.num_heads, attn.num_kv_heads,
+            )  # fmt: skip
+            return out, stream
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
         x, residual = self.post_attention_layernorm(self.self_attn(x, rope, meta, cache), residual)
         return self.mlp(x), residual
+
+    def _fused_weights(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata) -> tuple | None:
+        """The layer's weights for `torch.ops.ringllm.decode_layer` (csrc/decode_layer.cpp: this
+        forward in one call, the same kernels in the same order) when this step can use it: a
+        pure decode on CPU with the compiled kernels on, every matmul on our quantized kernels
+        (not float, not torch's pack kernels, not split for tensor parallelism) and fewer rows
+        than a bf16 copy would take. None otherwise."""
+        if self._fused is None:
+            self._fused = self._collect_fused()
+        if self._fused is False or not kernels.available() or meta.num_decodes != len(meta.q_lens):
+            return None
+        dense_rows = self.mlp.down_proj.dense_rows
+        if (dense_rows is not None and h.shape[0] >= dense_rows) or not meta.block_tables.is_contiguous():
+            return None
+        if h.device.type != "cpu" or not h.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+            return None
+        return self._fused
+
+    def _collect_fused(self) -> tuple | bool:
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if any(m.native_call is None or m.tp_size != 1 for m in linears) or any(
+            m.bias is not None for m in linears[1:]
+        ):
+            return False
+        qkv, o, gate_up, down = (list(m.native_call[1]) for m in linears)
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps)
+        return (*norms, qkv, attn.qkv_proj.bias, o, gate_up, down)
 
 
 class LlamaModel(nn.Module):
