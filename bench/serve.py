@@ -358,7 +358,6 @@ async def bench(args, result: dict) -> None:
         status = await asyncio.to_thread(get_json, args.url.removesuffix("/v1") + "/api/status", 5)
         result["meta"].update(model=args.model, server_status=status)
         reps = await size_prompt(client, args)
-        result["meta"]["prompt_reps"] = reps
         alone = await one_request(client, args, make_prompt(reps, "alone"), args.max_tokens)
         if not alone.ok:
             raise BenchError(f"the idle-server request failed: {alone.error}")
@@ -371,11 +370,15 @@ async def bench(args, result: dict) -> None:
             if lv["ok"] == 0 and all(e.startswith("connection error") for e in lv["errors"]):
                 raise BenchError(f"the server stopped answering at C={conc}: {lv['errors'][0]}")
             result["levels"].append(lv)
+        if args.llama_cpp:
+            print(f"{args.llama_cpp} pairs with llama.cpp ...", file=sys.stderr, flush=True)
+            result["llama_cpp"] = await llama_cpp_pairs(client, args, reps)
 
 
-def llama_cpp_one_stream(reps: int, n: int, repeats: int) -> dict | None:
-    """llama.cpp on the default model's GGUF in this process, after the server stopped: the C=1
-    prompt (its token ids by the model's own chat template), `n` greedy tokens, `repeats` runs."""
+async def llama_cpp_pairs(client, args, reps: int) -> dict | None:
+    """`args.llama_cpp` pairs of one C=1 request to the idle server, then llama.cpp on the
+    default model's GGUF in this process on the same prompt (token ids by the model's own
+    chat template) for as many tokens: ratios within a pair cancel the machine's drift."""
     import statistics
 
     sys.path.insert(0, str(ROOT))
@@ -384,20 +387,43 @@ def llama_cpp_one_stream(reps: int, n: int, repeats: int) -> dict | None:
     from inference.engine import load_tokenizer
     from inference.model_source import resolve_model
 
-    llm = llama_cpp_baseline.load()
+    llm = await asyncio.to_thread(llama_cpp_baseline.load)
     if llm is None:
-        print("llama-cpp-python is not installed: no llama.cpp baseline (see requirements-bench.txt)")
+        print("llama-cpp-python is not installed: no llama.cpp baseline (see requirements-bench.txt)", file=sys.stderr)
         return None
-    messages = [{"role": "user", "content": make_prompt(reps, "llama.cpp")}]
-    ids = apply_chat_template(load_tokenizer(resolve_model("smollm2")), messages)
-    llama_cpp_baseline.greedy(llm, ids, 8)  # warm-up
-    runs = [llama_cpp_baseline.greedy(llm, ids, n) for _ in range(repeats)]
+    tokenizer = await asyncio.to_thread(load_tokenizer, resolve_model("smollm2"))
+    pairs, prompt_tokens = [], 0
+    for i in range(args.llama_cpp):
+        prompt = make_prompt(reps, f"pair-{i}")
+        ours = await one_request(client, args, prompt, args.max_tokens)
+        ids = apply_chat_template(tokenizer, [{"role": "user", "content": prompt}])
+        prompt_tokens = len(ids)
+        cpp = await asyncio.to_thread(llama_cpp_baseline.greedy, llm, ids, args.max_tokens)
+        if ours.ok and ours.itl_s and ours.latency_s:
+            pairs.append(
+                dict(
+                    ours_decode_tok_s=1 / ours.itl_s,
+                    ours_tok_s=ours.completion_tokens / ours.latency_s,
+                    llama_cpp_decode_tok_s=cpp.decode_tok_s,
+                    llama_cpp_tok_s=cpp.tok_s,
+                )
+            )
+    if not pairs:
+        return None
+
+    def median(f) -> float:
+        return statistics.median(f(p) for p in pairs)
+
     return dict(
         version=llama_cpp_baseline.version(),
-        prompt_tokens=len(ids),
-        tok_s=statistics.median(r.tok_s for r in runs),
-        decode_tok_s=statistics.median(r.decode_tok_s for r in runs),
-        runs=[dict(tok_s=r.tok_s, decode_tok_s=r.decode_tok_s) for r in runs],
+        prompt_tokens=prompt_tokens,
+        pairs=pairs,
+        ours_decode_tok_s=median(lambda p: p["ours_decode_tok_s"]),
+        llama_cpp_decode_tok_s=median(lambda p: p["llama_cpp_decode_tok_s"]),
+        decode_ratio=median(lambda p: p["ours_decode_tok_s"] / p["llama_cpp_decode_tok_s"]),
+        ours_tok_s=median(lambda p: p["ours_tok_s"]),
+        llama_cpp_tok_s=median(lambda p: p["llama_cpp_tok_s"]),
+        tok_s_ratio=median(lambda p: p["ours_tok_s"] / p["llama_cpp_tok_s"]),
     )
 
 
@@ -482,9 +508,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         metavar="N",
-        help="with --start-server (default model): after the levels, time llama.cpp (llama-cpp-python) on "
-        "the same GGUF N times in this process, one stream of the C=1 prompt, and print our C=1 level's "
-        "ratio to it (default: off)",
+        help="with --start-server (default model): after the levels, N pairs of one request to the idle "
+        "server and llama.cpp (llama-cpp-python) on the same GGUF and prompt in this process; prints the "
+        "median per-pair ratios of one stream's speed (default: off)",
     )
     ap.add_argument(
         "--server-timeout",
@@ -563,19 +589,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     meta.update(prompt_tokens=prompt, incomplete=failed)
     print_table(levels, result["ttft_alone_ms"], result["ttft_under_load_ms"], prompt)
-    one = next((lv for lv in levels if lv["concurrency"] == 1 and lv["ok"]), None)
-    if args.llama_cpp and one is not None and "prompt_reps" in meta:
-        result["llama_cpp"] = cpp = llama_cpp_one_stream(meta["prompt_reps"], args.max_tokens, args.llama_cpp)
-        if cpp is not None:
-            ours_decode = 1000 / one["itl_ms"]["p50"]
-            cpp.update(vs_decode=ours_decode / cpp["decode_tok_s"], vs_tok_s=one["agg_tok_s"] / cpp["tok_s"])
-            print(
-                f"llama.cpp {cpp['version']}, one stream in this process ({cpp['prompt_tokens']}-token prompt, "
-                f"median of {args.llama_cpp}): decode {cpp['decode_tok_s']:.1f} tok/s, {cpp['tok_s']:.1f} with "
-                f"the prefill\nours at C=1 through the server: decode (1 / ITL p50) {ours_decode:.1f} tok/s = "
-                f"{cpp['vs_decode']:.2f}x; agg {one['agg_tok_s']:.1f} tok/s (TTFT and HTTP included) = "
-                f"{cpp['vs_tok_s']:.2f}x"
-            )
+    if cpp := result.get("llama_cpp"):
+        print(
+            f"one stream, {len(cpp['pairs'])} pairs of (our server, llama.cpp {cpp['version']} in this process), "
+            f"{cpp['prompt_tokens']}-token prompt, medians:\n"
+            f"  decode (1 / ITL): ours {cpp['ours_decode_tok_s']:.1f} tok/s, llama.cpp "
+            f"{cpp['llama_cpp_decode_tok_s']:.1f}, ratio {cpp['decode_ratio']:.2f}x\n"
+            f"  with the prefill (ours: HTTP and TTFT too): ours {cpp['ours_tok_s']:.1f} tok/s, llama.cpp "
+            f"{cpp['llama_cpp_tok_s']:.1f}, ratio {cpp['tok_s_ratio']:.2f}x"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -11,7 +11,7 @@ import torch
 
 from inference import kernels
 from inference.layers.linear import MergedColumnParallelLinear
-from inference.layers.quant import AMX_DENSE_ROWS, INT4_GROUP, Q4Native, Q8Native, QuantSpec, choose, pack, vnni
+from inference.layers.quant import INT4_GROUP, NATIVE_DENSE_ROWS, Q4Native, Q8Native, QuantSpec, choose, pack, vnni
 from tests.test_quant import AMX, ZEN3, ZEN4, q4_1_weight
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="compiled kernels unavailable (no C++ compiler?)")
@@ -101,7 +101,7 @@ def test_q4_keeps_q4_1_codes_scales_and_mins_exactly():
 
 
 def test_the_native_kernels_need_vnni_and_the_library():
-    assert choose("int4", "cpu", SPR, True, native=True) == QuantSpec("int4", "q4native", "q8native", AMX_DENSE_ROWS)
+    assert choose("int4", "cpu", SPR, True, native=True) == QuantSpec("int4", "q4native", "q8native", NATIVE_DENSE_ROWS)
     assert choose("int8", "cpu", ZEN4_VNNI, True, native=True) == QuantSpec("int8", "q8native", "q8native")
     assert choose("int4", "cpu", SPR, True, native=False).kernel == "int4pack"  # library not built
     assert choose("int4", "cpu", ZEN3, True, native=True).kernel == "fbgemm"  # no VNNI
