@@ -1,6 +1,6 @@
 """torch.ops.ringllm.decode_layer (csrc/decode_layer.cpp), a decode step's whole layer in one
-call: bit-identical logits to the Python layer it replaces, Llama and Qwen2 (QKV bias), 4-bit
-and 8-bit weights, over decodes of three sequences of different lengths; and the steps it
+call: bit-identical logits to the Python layer it replaces, Llama and Qwen2 (QKV bias), 4-bit,
+8-bit and float weights, over decodes of three sequences of different lengths; and the steps it
 must leave to the Python layer."""
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from tests.tiny_models import make_tiny
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="compiled kernels unavailable (no C++ compiler?)")
 
 
-def load_native(path, quant: str, monkeypatch, dense_rows: int | None = None):
+def load_native(path, quant: str, monkeypatch, dense_rows: int | None = None, kernel: str | None = None):
     """The tiny model on our quantized kernels whatever this CPU is (their portable loops
-    where it has no VNNI), so the fused layer applies."""
+    where it has no VNNI), so the fused layer applies; float weights for quant "none"."""
     import inference.loader as loader
 
-    kernel = "q4native" if quant == "int4" else "q8native"
-    monkeypatch.setattr(
-        loader, "choose", lambda kind, device, native=False: QuantSpec(kind, kernel, "q8native", dense_rows)
-    )
+    if quant == "none":
+        return loader.load_model(str(path))
+    spec = QuantSpec(quant, kernel or ("q4native" if quant == "int4" else "q8native"), "q8native", dense_rows)
+    monkeypatch.setattr(loader, "choose", lambda kind, device, native=False: spec)
     return loader.load_model(str(path), quant=quant)
 
 
@@ -57,7 +57,7 @@ def decode_logits(loaded, fused: bool, steps: int = 6) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["llama-untied", "qwen2"])
-@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("quant", ["int4", "int8", "none"])
 def test_the_fused_layer_equals_the_python_layer(tmp_path, monkeypatch, kind, quant):
     make_tiny(kind, tmp_path)
     loaded = load_native(tmp_path, quant, monkeypatch)
@@ -81,8 +81,5 @@ def test_what_stays_with_the_python_layer(tmp_path, monkeypatch):
     meta.num_decodes = 2
     with kernels.torch_ops_only():
         assert layer._fused_weights(h, None, meta) is None
-    from inference.loader import load_model
-
-    monkeypatch.undo()
-    plain = load_model(str(tmp_path))  # float weights: no packed kernels to fuse
-    assert plain.model.model.layers[0]._fused_weights(h, None, meta) is None
+    torch_packed = load_native(tmp_path, "int4", monkeypatch, kernel="int4pack")  # torch's kernels: not ours
+    assert torch_packed.model.model.layers[0]._fused_weights(h, None, meta) is None

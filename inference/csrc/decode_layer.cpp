@@ -1,5 +1,6 @@
 // A whole decoder layer of a decode step (one new token per sequence) in one call, for
-// layers whose four matmuls run our quantized kernels: torch.ops.ringllm.decode_layer.
+// layers whose four matmuls run our quantized kernels or float weights on one process:
+// torch.ops.ringllm.decode_layer.
 //
 // Why: with the matmuls fast, what was left of a step was the Python between them (module
 // calls, wrappers, a dozen op dispatches a layer). This runs the same kernels, in the same
@@ -17,9 +18,16 @@ namespace {
 
 using at::Tensor;
 
-// x @ W.T for a packed weight: [codes, scales, mins] (4-bit) or [codes, scale] (8-bit).
+// x @ W.T for a weight given as [codes, scales, mins] (4-bit), [codes, scale] (8-bit) or
+// [weight] (float: inference/layers/gemm.py's `dense`, whose W @ x.T is faster on CPU for
+// 2..128 rows).
 Tensor linear(const Tensor& x, at::TensorList w, const c10::optional<Tensor>& bias) {
-  TORCH_CHECK(w.size() == 2 || w.size() == 3, "a packed weight is [codes, scale] or [codes, scales, mins]");
+  TORCH_CHECK(w.size() >= 1 && w.size() <= 3, "a weight is [weight], [codes, scale] or [codes, scales, mins]");
+  if (w.size() == 1) {
+    if (x.size(0) < 2 || x.size(0) > 128) return at::linear(x, w[0], bias);
+    Tensor y = at::mm(w[0], x.t()).t().contiguous();
+    return bias.has_value() ? y.add_(*bias) : y;
+  }
   Tensor y = w.size() == 3 ? ringllm::q4_linear(x, w[0], w[1], w[2]) : ringllm::q8_linear(x, w[0], w[1]);
   return bias.has_value() ? y.add_(*bias) : y;
 }

@@ -89,8 +89,8 @@ class LlamaDecoderLayer(nn.Module):
         """The layer's weights for `torch.ops.ringllm.decode_layer` (csrc/decode_layer.cpp: this
         forward in one call, the same kernels in the same order) when this step can use it: a
         pure decode on CPU with the compiled kernels on, every matmul on our quantized kernels
-        (not float, not torch's pack kernels, not split for tensor parallelism) and fewer rows
-        than a bf16 copy would take. None otherwise."""
+        or on float weights (not torch's pack kernels, not split for tensor parallelism), and
+        fewer rows than a bf16 copy would take. None otherwise."""
         if self._fused is None:
             self._fused = self._collect_fused()
         if self._fused is False or not kernels.available() or meta.num_decodes != len(meta.q_lens):
@@ -105,11 +105,14 @@ class LlamaDecoderLayer(nn.Module):
     def _collect_fused(self) -> tuple | bool:
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(m.native_call is None or m.tp_size != 1 for m in linears) or any(
-            m.bias is not None for m in linears[1:]
-        ):
+        if any(m.tp_size != 1 for m in linears) or any(m.bias is not None for m in linears[1:]):
             return False
-        qkv, o, gate_up, down = (list(m.native_call[1]) for m in linears)
+        if all(m.native_call is not None for m in linears):
+            qkv, o, gate_up, down = (list(m.native_call[1]) for m in linears)
+        elif all(m.packed is None and m.weight is not None for m in linears):  # float weights
+            qkv, o, gate_up, down = ([m.weight] for m in linears)
+        else:  # torch's pack kernels
+            return False
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps)
         return (*norms, qkv, attn.qkv_proj.bias, o, gate_up, down)
 
