@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -59,7 +61,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self._fused: tuple | bool | None = None  # decode_layer's weights; False: not possible; None: not looked yet
+        # decode_layer's weights; False: it cannot run this layer; None: not looked at yet.
+        self._fused: tuple | Literal[False] | None = None
 
     def forward(
         self,
@@ -93,22 +96,24 @@ class LlamaDecoderLayer(nn.Module):
         fewer rows than a bf16 copy would take. None otherwise."""
         if self._fused is None:
             self._fused = self._collect_fused()
-        if self._fused is False or not kernels.available() or meta.num_decodes != len(meta.q_lens):
+        fused = self._fused
+        if fused is False or not kernels.available() or meta.num_decodes != len(meta.q_lens):
             return None
         dense_rows = self.mlp.down_proj.dense_rows
         if (dense_rows is not None and h.shape[0] >= dense_rows) or not meta.block_tables.is_contiguous():
             return None
         if h.device.type != "cpu" or not h.is_contiguous() or (residual is not None and not residual.is_contiguous()):
             return None
-        return self._fused
+        return fused
 
-    def _collect_fused(self) -> tuple | bool:
+    def _collect_fused(self) -> tuple | Literal[False]:
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if any(m.tp_size != 1 for m in linears) or any(m.bias is not None for m in linears[1:]):
             return False
-        if all(m.native_call is not None for m in linears):
-            qkv, o, gate_up, down = (list(m.native_call[1]) for m in linears)
+        calls = [m.native_call for m in linears]
+        if all(c is not None for c in calls):
+            qkv, o, gate_up, down = (list(c[1]) for c in calls if c is not None)
         elif all(m.packed is None and m.weight is not None for m in linears):  # float weights
             qkv, o, gate_up, down = ([m.weight] for m in linears)
         else:  # torch's pack kernels
