@@ -6,13 +6,31 @@ bf16 input; plus exact Q4_1 codes, the kernel choice, and clear errors for bad s
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from inference import kernels
 from inference.layers.linear import MergedColumnParallelLinear
-from inference.layers.quant import INT4_GROUP, NATIVE_DENSE_ROWS, Q4Native, Q8Native, QuantSpec, choose, pack, vnni
+from inference.layers.quant import (
+    INT4_GROUP,
+    NATIVE_DENSE_ROWS,
+    Q4Native,
+    Q8Native,
+    QuantSpec,
+    avx2,
+    choose,
+    pack,
+    vnni,
+)
 from tests.test_quant import AMX, ZEN3, ZEN4, q4_1_weight
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="compiled kernels unavailable (no C++ compiler?)")
 
@@ -100,12 +118,14 @@ def test_q4_keeps_q4_1_codes_scales_and_mins_exactly():
     assert torch.equal(p.dequantized(), w)  # float16 scale and min: nothing rounds
 
 
-def test_the_native_kernels_need_vnni_and_the_library():
+def test_the_native_kernels_need_avx2_and_the_library():
     assert choose("int4", "cpu", SPR, True, native=True) == QuantSpec("int4", "q4native", "q8native", NATIVE_DENSE_ROWS)
     assert choose("int8", "cpu", ZEN4_VNNI, True, native=True) == QuantSpec("int8", "q8native", "q8native")
+    assert choose("int4", "cpu", ZEN3, True, native=True) == QuantSpec("int4", "q4native", "q8native")  # AVX2
     assert choose("int4", "cpu", SPR, True, native=False).kernel == "int4pack"  # library not built
-    assert choose("int4", "cpu", ZEN3, True, native=True).kernel == "fbgemm"  # no VNNI
-    assert vnni(SPR) and not vnni(AMX)
+    assert choose("int4", "cpu", ZEN3, True, native=False).kernel == "fbgemm"
+    assert choose("int4", "cpu", frozenset({"sse4_2"}), False, native=True).kernel == "int8pack"  # neither
+    assert vnni(SPR) and not vnni(AMX) and avx2(ZEN3)
     assert isinstance(pack(torch.randn(16, 48), "q4native"), Q8Native)  # 48 columns: no blocks of 32
     assert isinstance(pack(torch.randn(24, 64), "q4native"), Q4Native)  # any height
 
@@ -131,3 +151,32 @@ def test_a_layer_calls_the_kernel_straight_from_matmul():
     assert layer.native_call is not None and layer.native_call[0] == torch.ops.ringllm.q4_linear.default
     x = torch.randn(3, 96)
     assert torch.equal(layer(x), layer.packed(x))
+
+
+AVX2_CHECK = """
+import sys, torch
+from inference import kernels
+kernels.CFLAGS = [f for f in kernels.CFLAGS if not f.startswith("-march")] + ["-march=haswell"]
+assert kernels.load()
+from inference.layers.quant import Q4Native, Q8Native
+from tests.test_quant_native import reference
+torch.manual_seed(0)
+for cls in (Q4Native, Q8Native):
+    for shape in ((48, 576), (40, 1536), (32, 160)):
+        for rows in (1, 3, 5):
+            p, x = cls(torch.randn(*shape) * 0.05), torch.randn(rows, shape[1])
+            want = reference(p, x)
+            assert (p(x) - want).abs().max() <= 1e-5 * want.abs().max(), (cls.__name__, shape, rows)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86 build")
+def test_the_avx2_build_matches_too(tmp_path):
+    """A CPU with AVX-512 never runs the AVX2 loops (AMD Zen 3's): build the library for AVX2
+    only, in a process of its own, and check them against the same reference."""
+    env = dict(os.environ, RINGLLM_CACHE=str(tmp_path), PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-c", AVX2_CHECK]
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -17,8 +17,8 @@
 //   once); w = code * scale + min.
 // - q8: codes uint8 [N, K] holding the int8 weight + 128 (vpdpbusd multiplies unsigned by
 //   signed bytes: the activations keep the sign); scale float32 [N]; w = (code - 128) * scale.
-// Without VNNI the same formats run through portable loops (correct, not fast): the Python
-// side picks these kernels only on CPUs that have it.
+// Without VNNI, AVX2 runs the same formats with 8-lane registers (vpmaddubsw for the byte
+// products), and anything older through portable loops (correct, not fast).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 // Forced: a lambda or helper left out of line keeps its vectors in memory.
@@ -36,6 +37,9 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define RINGLLM_VNNI 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define RINGLLM_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -302,6 +306,125 @@ void q8_rows(const QuantizedRows& a, int64_t a0, const uint8_t* codes, const flo
       const __m512 sum = _mm512_sub_ps(reduce16(part[t]), _mm512_set1_ps(a.offsets[a0 + t]));
       _mm512_storeu_ps(y + (a0 + t) * n + g, _mm512_mul_ps(sum, s));
     }
+  }
+  if (g < end) q8_rows_portable<MT>(a, a0, codes, scale, k, g, end, y, n);
+}
+#elif defined(RINGLLM_AVX2)
+// AVX2 (e.g. AMD Zen 3): the same layouts and groups of 16 rows, 8 lanes a register, bytes
+// multiplied by vpmaddubsw (unsigned x signed into 16-bit pairs) then summed into 32 bits.
+
+constexpr int64_t kAhead = 32;  // rows fetched ahead, as in the AVX-512 path
+
+ALWAYS_INLINE void prefetch_row(const uint8_t* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+// Lane r of the result: the sum of v[r]'s 8 lanes.
+ALWAYS_INLINE __m256 reduce8(const float (*v)[8]) {
+  __m256 t[4], u[2];
+  for (int i = 0; i < 4; ++i) t[i] = _mm256_hadd_ps(_mm256_load_ps(v[2 * i]), _mm256_load_ps(v[2 * i + 1]));
+  u[0] = _mm256_hadd_ps(t[0], t[1]);
+  u[1] = _mm256_hadd_ps(t[2], t[3]);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+}
+
+// Two blocks' 32 codes each (low nibbles, then high) times their int8 activations: 8 lanes,
+// 4 a block. The 16-bit sums stay below 2 * 2 * 15 * 127.
+ALWAYS_INLINE __m256 q4_dot2(__m256i v, const int8_t* xlo, const int8_t* xhi) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xlo))),
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xhi))));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+// The scales of 2 blocks, lane l holding block l / 4's.
+ALWAYS_INLINE __m256 spread2(const c10::Half* p) {
+  uint32_t two;
+  std::memcpy(&two, p, sizeof two);
+  const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(two)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(f), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+template <int MT>
+void q4_rows(const QuantizedRows& a, int64_t a0, const uint8_t* codes, const c10::Half* scales,
+             const c10::Half* mins, int64_t k, int64_t begin, int64_t end, float* y, int64_t n) {
+  const int64_t blocks = k / kBlock;
+  if (blocks % 2) {  // an odd block count (K = 32, 96, ...): no pairs to load
+    q4_rows_portable<MT>(a, a0, codes, scales, mins, k, begin, end, y, n);
+    return;
+  }
+  alignas(32) float part[MT][16][8];
+  int64_t g = begin;
+  for (; g + 16 <= end; g += 16) {
+    for (int r = 0; r < 16; ++r) {
+      const uint8_t* w = codes + (g + r) * (k / 2);
+      const c10::Half* d = scales + (g + r) * blocks;
+      if (g + r + kAhead < end) prefetch_row(w + kAhead * (k / 2), k / 2);
+      __m256 acc[MT];
+      for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; b += 2) {  // blocks b, b + 1: half of a 4-block chunk
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 16));
+        const __m256 ds = spread2(d + b);
+        const int64_t c = b / 4, half = (b % 4) / 2;
+        for (int t = 0; t < MT; ++t) {
+          const int64_t base = (a0 + t) * a.chunks + c;
+          const int8_t* xq = a.q.data() + base * kQ4Chunk + half * 32;
+          const __m256 scale = _mm256_mul_ps(ds, _mm256_loadu_ps(a.lanes.data() + base * 16 + half * 8));
+          acc[t] = _mm256_fmadd_ps(q4_dot2(v, xq, xq + 64), scale, acc[t]);
+        }
+      }
+      for (int t = 0; t < MT; ++t) _mm256_store_ps(part[t][r], acc[t]);
+    }
+    for (int t = 0; t < MT; ++t) {
+      const float* sums = a.sums.data() + (a0 + t) * blocks;
+      for (int h = 0; h < 2; ++h) {  // 8 rows at a time; mins are [blocks, N]
+        __m256 sum = reduce8(part[t] + 8 * h);
+        for (int64_t b = 0; b < blocks; ++b)
+          sum = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + b * n + g + 8 * h))),
+                                _mm256_set1_ps(sums[b]), sum);
+        _mm256_storeu_ps(y + (a0 + t) * n + g + 8 * h, sum);
+      }
+    }
+  }
+  if (g < end) q4_rows_portable<MT>(a, a0, codes, scales, mins, k, g, end, y, n);
+}
+
+template <int MT>
+void q8_rows(const QuantizedRows& a, int64_t a0, const uint8_t* codes, const float* scale, int64_t k, int64_t begin,
+             int64_t end, float* y, int64_t n) {
+  if (k % kBlock) {  // a short last block: no whole registers to load
+    q8_rows_portable<MT>(a, a0, codes, scale, k, begin, end, y, n);
+    return;
+  }
+  const int64_t blocks = k / kBlock;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  alignas(32) float part[MT][16][8];
+  int64_t g = begin;
+  for (; g + 16 <= end; g += 16) {
+    for (int r = 0; r < 16; ++r) {
+      const uint8_t* w = codes + (g + r) * k;
+      if (g + r + kAhead < end) prefetch_row(w + kAhead * k, k);
+      __m256 acc[MT];
+      for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        // The signed weight (code - 128, never -128) as |w| times x with w's sign: vpmaddubsw
+        // needs one unsigned side, and |w| * |x| pairs stay below 2^15.
+        const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock)), flip);
+        const __m256i aw = _mm256_sign_epi8(ws, ws);
+        for (int t = 0; t < MT; ++t) {
+          const int64_t base = (a0 + t) * a.chunks;
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + base * kQ8Chunk + b * kBlock));
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, ws)), _mm256_set1_epi16(1));
+          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(a.lanes.data() + base * 16 + b * 8), acc[t]);
+        }
+      }
+      for (int t = 0; t < MT; ++t) _mm256_store_ps(part[t][r], acc[t]);
+    }
+    for (int t = 0; t < MT; ++t)
+      for (int h = 0; h < 2; ++h)  // already signed: no offset to take back
+        _mm256_storeu_ps(y + (a0 + t) * n + g + 8 * h,
+                         _mm256_mul_ps(reduce8(part[t] + 8 * h), _mm256_loadu_ps(scale + g + 8 * h)));
   }
   if (g < end) q8_rows_portable<MT>(a, a0, codes, scale, k, g, end, y, n);
 }

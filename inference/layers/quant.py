@@ -9,11 +9,13 @@ Formats (`--quant`):
 The LM head is always int8 when quantizing (llama.cpp keeps it at Q8_0 too).
 
 Kernels, measured on a loop of only the default model's matmuls at batch 1 (2 cores; whole
-decode steps add per-op overhead on top, see bench/decode.py). Where the CPU has AVX512-VNNI
-and our library built (inference/kernels.py), our own kernels run both formats
-(`q4native`, `q8native`, csrc/quant_ops.cpp): activations rounded to int8 per block of 32
-and multiplied in integers, as llama.cpp does (Intel Xeon with AMX: the layers' matmuls
-7.2 ms a token against 9.6 with int4pack, the LM head 1.6 ms against 2.9). Otherwise, on a CPU with native bf16
+decode steps add per-op overhead on top, see bench/decode.py). Where our library built
+(inference/kernels.py) and the CPU has AVX512-VNNI or AVX2, our own kernels run both
+formats (`q4native`, `q8native`, csrc/quant_ops.cpp): activations rounded to int8 per block
+of 32 and multiplied in integers, as llama.cpp does (Intel Xeon with AMX: the layers' matmuls
+7.2 ms a token against 9.6 with int4pack, the LM head 1.6 ms against 2.9; the same Xeon with
+the library built for AVX2 only decodes 105 tok/s where fbgemm, the AVX2 choice before, gave
+60). Without the library, on a CPU with native bf16
 (AVX512-BF16 or AMX) `torch._weight_int4pack_mm_for_cpu` and `torch._weight_int8pack_mm` with
 bf16 activations are the fast ones (Intel Xeon with AMX: fp32 dense 56 "tok/s", int8pack 112,
 int4pack 153; the same ops with fp32 activations are 5-10x slower). On AVX2 only, both have no
@@ -69,8 +71,13 @@ def native_bf16(flags: frozenset[str]) -> bool:
 
 
 def vnni(flags: frozenset[str]) -> bool:
-    """AVX512-VNNI (with the byte ops it needs): our integer kernels' fast path."""
+    """AVX512-VNNI (with the byte ops it needs): our integer kernels' fastest path."""
     return {"avx512_vnni", "avx512bw"} <= flags
+
+
+def avx2(flags: frozenset[str]) -> bool:
+    """AVX2 with FMA and F16C: our integer kernels' 8-lane path (e.g. AMD Zen 3)."""
+    return {"avx2", "fma", "f16c"} <= flags
 
 
 def has_fbgemm() -> bool:
@@ -109,7 +116,7 @@ def choose(
     flags = cpu_flags() if flags is None else flags
     fbgemm = has_fbgemm() if fbgemm is None else fbgemm
     amx = "amx_bf16" in flags
-    if native and vnni(flags):
+    if native and (vnni(flags) or avx2(flags)):
         dense = NATIVE_DENSE_ROWS if amx else None
         return QuantSpec(kind, "q4native" if kind == "int4" else "q8native", "q8native", dense)
     dense_rows = AMX_DENSE_ROWS if amx else None
@@ -125,7 +132,7 @@ def describe(spec: QuantSpec | None) -> str:
         return "float weights"
     flags = cpu_flags()
     if spec.kernel.endswith("native"):
-        why = "AVX512-VNNI"
+        why = "AVX512-VNNI" if vnni(flags) else "AVX2"
     else:
         why = "native bf16" if native_bf16(flags) else "no native bf16"
     dense = f", bf16 copy from {spec.dense_rows} rows" if spec.dense_rows else ""
