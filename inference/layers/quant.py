@@ -144,6 +144,13 @@ def row_scales(w: torch.Tensor) -> torch.Tensor:
     return (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
 
 
+def row_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, float32 scale per output row) of a weight, w ~ codes * scale."""
+    w = weight.detach().float()
+    scale = row_scales(w)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Pack(nn.Module):
     """Symmetric per-row int8 weights for `torch._weight_int8pack_mm` (bf16 activations)."""
 
@@ -152,9 +159,8 @@ class Int8Pack(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        w = weight.detach().float()
-        scale = row_scales(w)
-        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        codes, scale = row_int8(weight)
+        self.register_buffer("qweight", codes)
         self.register_buffer("scale", scale.to(torch.bfloat16))
 
     def dequantized(self) -> torch.Tensor:
@@ -257,12 +263,10 @@ class Q8Native(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        w = weight.detach().float()
-        scale = row_scales(w)
-        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int16)
-        self.register_buffer("codes", (q + 128).to(torch.uint8))
+        codes, scale = row_int8(weight)
+        self.register_buffer("codes", (codes.to(torch.int16) + 128).to(torch.uint8))
         self.register_buffer("scale", scale.contiguous())
-        self.shape = tuple(w.shape)
+        self.shape = tuple(weight.shape)
 
     def dequantized(self) -> torch.Tensor:
         return (self.codes.float() - 128) * self.scale[:, None]
