@@ -11,8 +11,9 @@ The LM head is always int8 when quantizing (llama.cpp keeps it at Q8_0 too).
 Kernels, measured on a loop of only the default model's matmuls at batch 1 (2 cores; whole
 decode steps add per-op overhead on top, see bench/decode.py). Where our library built
 (inference/kernels.py) and the CPU has AVX512-VNNI or AVX2, our own kernels run both
-formats (`q4native`, `q8native`, csrc/quant_ops.cpp): activations rounded to int8 per block
-of 32 and multiplied in integers, as llama.cpp does (Intel Xeon with AMX: the layers' matmuls
+formats (`q4native`, `q8native`: layers/quant_native.py, csrc/quant_ops.cpp): activations
+rounded to int8 per block of 32 and multiplied in integers, as llama.cpp does (Intel Xeon
+with AMX: the layers' matmuls
 7.2 ms a token against 9.6 with int4pack, the LM head 1.6 ms against 2.9; the same Xeon with
 the library built for AVX2 only decodes 105 tok/s where fbgemm, the AVX2 choice before, gave
 60). Without the library, on a CPU with native bf16
@@ -40,12 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
 from .gemm import dense
+from .quant_native import INT4_GROUP, NativeCall, Q4Native, Q8Native, row_int8, row_scales
 
 log = logging.getLogger(__name__)
 
-INT4_GROUP = 32
 KERNELS = ("dense", "int8pack", "int4pack", "fbgemm", "q4native", "q8native")
 AMX_DENSE_ROWS = 6
 # Our kernels read 4-bit codes where the bf16 copy reads 2 bytes a weight: in a whole decode
@@ -139,18 +139,6 @@ def describe(spec: QuantSpec | None) -> str:
     return f"{spec.kind} weights, {spec.kernel} kernel, LM head {spec.head_kernel}{dense} ({why})"
 
 
-def row_scales(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 scale of each output row of a float32 weight."""
-    return (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-
-
-def row_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes, float32 scale per output row) of a weight, w ~ codes * scale."""
-    w = weight.detach().float()
-    scale = row_scales(w)
-    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
-
-
 class Int8Pack(nn.Module):
     """Symmetric per-row int8 weights for `torch._weight_int8pack_mm` (bf16 activations)."""
 
@@ -202,80 +190,6 @@ class Int4Pack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group, self.scales_zeros)
         return y.to(x.dtype)
-
-
-# One of our compiled ops and the weight tensors it takes after the activations.
-NativeCall = tuple[Any, tuple[torch.Tensor, ...]]
-
-
-def _native_or_dequantized(p: Q4Native | Q8Native, x: torch.Tensor) -> torch.Tensor:
-    call = p.native() if x.device.type == "cpu" else None
-    if call is None:  # without the library (or off the CPU): correct, slow
-        return F.linear(x, p.dequantized().to(x.dtype))
-    op, weights = call
-    return op(x.reshape(-1, x.shape[-1]), *weights).reshape(*x.shape[:-1], p.shape[0])
-
-
-class Q4Native(nn.Module):
-    """4-bit weights in llama.cpp's Q4_1 blocks (32 codes, a float16 scale and min) for our
-    kernel, `torch.ops.ringllm.q4_linear` (layout in csrc/quant_ops.cpp): activations are
-    rounded to int8 per block of 32 and multiplied in integers, as llama.cpp does."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    mins: torch.Tensor
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        out_f, in_f = weight.shape
-        if in_f % INT4_GROUP:
-            raise ValueError(f"int4 needs the input width ({in_f}) to be a multiple of {INT4_GROUP}")
-        w = weight.detach().float().reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        # Codes against the float16 scale and min the kernel will use; a constant block has scale 0.
-        mins, scales = lo.half(), ((hi - lo) / 15).half()
-        step = scales.float().clamp(min=torch.finfo(torch.float16).tiny)
-        codes = ((w - mins.float()[..., None]) / step[..., None]).round().clamp(0, 15).to(torch.uint8)
-        packed = codes[..., :16] | (codes[..., 16:] << 4)  # byte j: code j low, code j + 16 high
-        self.register_buffer("codes", packed.reshape(out_f, in_f // 2).contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self.register_buffer("mins", mins.t().contiguous())  # [blocks, out]: the kernel sums 16 rows at once
-        self.shape = (out_f, in_f)
-
-    def dequantized(self) -> torch.Tensor:
-        c = self.codes.reshape(self.shape[0], -1, 16)
-        codes = torch.cat([c & 15, c >> 4], dim=-1).float()  # [out, blocks, 32]
-        return (codes * self.scales.float()[..., None] + self.mins.t().float()[..., None]).reshape(self.shape)
-
-    def native(self) -> NativeCall | None:
-        return (torch.ops.ringllm.q4_linear.default, (self.codes, self.scales, self.mins)) if kernels.loaded() else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _native_or_dequantized(self, x)
-
-
-class Q8Native(nn.Module):
-    """Symmetric per-row int8 weights for our kernel, `torch.ops.ringllm.q8_linear`, stored
-    as code + 128 (VNNI multiplies unsigned by signed bytes; the activations keep the sign)."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        codes, scale = row_int8(weight)
-        self.register_buffer("codes", (codes.to(torch.int16) + 128).to(torch.uint8))
-        self.register_buffer("scale", scale.contiguous())
-        self.shape = tuple(weight.shape)
-
-    def dequantized(self) -> torch.Tensor:
-        return (self.codes.float() - 128) * self.scale[:, None]
-
-    def native(self) -> NativeCall | None:
-        return (torch.ops.ringllm.q8_linear.default, (self.codes, self.scale)) if kernels.loaded() else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _native_or_dequantized(self, x)
 
 
 class FbgemmInt8(nn.Module):
