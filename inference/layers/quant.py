@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gemm import dense
-from .quant_native import INT4_GROUP, NativeCall, Q4Native, Q8Native, row_int8, row_scales
+from .quant_native import INT4_GROUP, NativeCall, Q4Native, Q8Native, int4_blocks, row_int8, row_scales
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,7 @@ class Int4Pack(nn.Module):
     def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP):
         super().__init__()
         out_f, in_f = weight.shape
-        if in_f % group:
-            raise ValueError(f"int4 needs the input width ({in_f}) to be a multiple of {group}")
-        w = weight.detach().float().reshape(out_f, in_f // group, group)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        w, lo, hi = int4_blocks(weight, group)
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         # Codes from the group's minimum: a Q4_1 block's own codes come back exactly.
         codes = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)

@@ -27,6 +27,15 @@ def row_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
+def int4_blocks(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, ...]:
+    """A weight [out, in] as float32 blocks [out, in / group, group], with each block's min and max."""
+    out_f, in_f = weight.shape
+    if in_f % group:
+        raise ValueError(f"int4 needs the input width ({in_f}) to be a multiple of {group}")
+    w = weight.detach().float().reshape(out_f, in_f // group, group)
+    return w, w.amin(dim=-1), w.amax(dim=-1)
+
+
 # One of our compiled ops and the weight tensors it takes after the activations.
 NativeCall = tuple[Any, tuple[torch.Tensor, ...]]
 
@@ -51,10 +60,7 @@ class Q4Native(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         out_f, in_f = weight.shape
-        if in_f % INT4_GROUP:
-            raise ValueError(f"int4 needs the input width ({in_f}) to be a multiple of {INT4_GROUP}")
-        w = weight.detach().float().reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        w, lo, hi = int4_blocks(weight)
         # Codes against the float16 scale and min the kernel will use; a constant block has scale 0.
         mins, scales = lo.half(), ((hi - lo) / 15).half()
         step = scales.float().clamp(min=torch.finfo(torch.float16).tiny)
