@@ -33,9 +33,13 @@ from .layers.rotary import apply_rotary
 
 log = logging.getLogger(__name__)
 
-# The elementwise and attention kernels, the quantized matmuls, and a decode step's whole
-# layer built from them (one library; ops.h declares what decode_layer.cpp calls).
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_ops.cpp", "decode_layer.cpp")]
+# The elementwise and attention kernels, the quantized matmuls (and their AMX tile path), and a
+# decode step's whole layer built from them (one library; ops.h declares what
+# decode_layer.cpp calls).
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("cpu_ops.cpp", "quant_ops.cpp", "quant_amx.cpp", "decode_layer.cpp")
+]
 LIB_NAME = "ringllm_cpu_ops"
 # -ffp-contract=off: no fused multiply-adds, so float32 RoPE and residual adds round exactly
 # as torch's separate ops do; -fno-trapping-math (results unchanged) lets the exp loops vectorize.
@@ -57,7 +61,7 @@ def cache_dir() -> Path:
     from .layers.quant import cpu_flags  # which imports this module
 
     key = hashlib.sha256()
-    for source in [*SOURCES, SOURCES[0].parent / "ops.h"]:
+    for source in [*SOURCES, *sorted(SOURCES[0].parent.glob("*.h"))]:
         key.update(source.read_bytes())
     for part in (" ".join(CFLAGS), torch.__version__, sys.version):
         key.update(part.encode())

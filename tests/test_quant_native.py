@@ -28,6 +28,7 @@ from inference.layers.quant import (
     pack,
     vnni,
 )
+from inference.layers.quant_native import amx_tiles
 from tests.test_quant import AMX, ZEN3, ZEN4, q4_1_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +142,27 @@ def test_bad_shapes_are_errors_not_crashes():
     q = Q8Native(torch.randn(32, 64))
     with pytest.raises(RuntimeError, match="q8 scale"):
         torch.ops.ringllm.q8_linear(torch.randn(1, 64), q.codes, q.scale[:16])
+
+
+AMX_TILES = kernels.loaded() and amx_tiles()
+
+
+@pytest.mark.skipif(not AMX_TILES, reason="no AMX-INT8 here (or RINGLLM_AMX=off)")
+@pytest.mark.parametrize("cls", [Q4Native, Q8Native])
+@pytest.mark.parametrize("rows", [4, 16, 17, 40])
+def test_batches_on_amx_tiles_match_one_row_at_a_time(cls, rows):
+    # From 4 rows the kernels multiply the weight's tile copy (csrc/quant_amx.cpp); one row at
+    # a time they read the codes with VNNI. Same rounding of the activations: only the order
+    # of the float sums may differ. 2560 columns: 80 blocks (an even count), 96: 3 (odd).
+    torch.manual_seed(rows)
+    for shape in ((80, 2560), (1600, 96)):
+        p = cls(torch.randn(*shape) * 0.05)
+        assert p.tiles is not None and p.tiles.shape[:2] == (shape[0] // 16, shape[1] // 32)
+        x = torch.randn(rows, shape[1])
+        for xs, dtype in ((x, torch.float32), (x.bfloat16(), torch.bfloat16)):
+            one_by_one = torch.cat([p(xs[i : i + 1]) for i in range(rows)]).float()
+            assert_matches(p(xs), one_by_one, dtype)
+    assert cls(torch.randn(40, 96)).tiles is None  # 40 rows: not whole tiles; VNNI serves it
 
 
 def test_a_layer_calls_the_kernel_straight_from_matmul():

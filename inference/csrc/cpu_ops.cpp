@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "reduce16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +36,9 @@
 namespace {
 
 using at::Tensor;
+#if defined(__AVX512F__)
+using ringllm::reduce16;
+#endif
 
 // Forced: GCC otherwise calls fast_exp out of line, which keeps the loops around it scalar.
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -113,6 +117,7 @@ ALWAYS_INLINE __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 #endif
+
 
 // q . k over n values: a decode step computes one per (query head, context row), so the
 // horizontal sum at its end must stay in registers (the generic loop's spills to memory
@@ -251,22 +256,100 @@ void rope_kv(Tensor qkv, const Tensor& cos_sin, Tensor k_cache, Tensor v_cache, 
 }
 
 // Cached rows sit in blocks scattered over the pool, so the hardware prefetcher stops at each
-// block's end, and the cache of a whole model does not fit in any CPU cache: fetch the key
-// row `kAhead` tokens ahead by hand, and each value row while its key row is read (16 streams
-// x 130 tokens, 30 layers of the default model's shape: 26-27 ms a step without, 15-21 with).
+// block's end, and the cache of a whole model does not fit in any CPU cache: fetch each key
+// and value row `kAhead` tokens ahead by hand (16 streams x 130 tokens, 30 layers of the
+// default model's shape: 26-27 ms a step without, 15-21 with).
 constexpr int64_t kAhead = 16;
 
-template <typename T>
-ALWAYS_INLINE void prefetch_row(const T* cache, const int64_t* table, int64_t t, int64_t len, int64_t block,
-                                int64_t row) {
-  if (t >= len) return;
-  const char* p = reinterpret_cast<const char*>(cache + (table[t / block] * block + t % block) * row);
-  for (int64_t off = 0; off < row * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+ALWAYS_INLINE void prefetch(const void* row, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
 }
+
+// x = softmax(x) in place, as separate loops over 16 lanes: a running max or sum in one
+// scalar is a chain the compiler may not reorder, which kept the whole loop (exp included)
+// scalar.
+ALWAYS_INLINE void softmax(float* x, int64_t n) {
+  float top[kLanes], sum[kLanes];
+  std::fill(top, top + kLanes, x[0]);
+  std::fill(sum, sum + kLanes, 0.f);
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) top[j] = std::max(top[j], x[t + j]);
+  float m = *std::max_element(top, top + kLanes);
+  for (; t < n; ++t) m = std::max(m, x[t]);
+  for (t = 0; t < n; ++t) x[t] = fast_exp(x[t] - m);
+  for (t = 0; t + kLanes <= n; t += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) sum[j] += x[t + j];
+  float total = 0.f;
+  for (; t < n; ++t) total += x[t];
+  const float norm = 1.f / (total + lane_sum(sum));
+  for (t = 0; t < n; ++t) x[t] *= norm;
+}
+
+#if defined(__AVX512F__)
+// The vector path of decode attention (head_dim a multiple of 16), one sequence's context rows
+// given in order. Scores 16 rows at a time: each (head, row) dot product is left as 16 partial
+// sums, and one shuffle tree adds up 16 rows' at once (a horizontal sum per dot product, plus
+// a scalar softmax, cost more than the multiply-adds: the default model's 16 streams x 130
+// tokens spent 15 ms a step in attention).
+template <typename T>
+void scores_by_16(const float* qf, const T* const* krows, int64_t len, int64_t q_heads, int64_t group, int64_t d,
+                  float* scores, float (*part)[16][16]) {
+  const int64_t row_bytes = d * (q_heads / group) * sizeof(T);
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - t0);
+    for (int64_t j = 0; j < n; ++j) {
+      if (t0 + j + kAhead < len) prefetch(krows[t0 + j + kAhead], row_bytes);
+      for (int64_t h = 0; h < q_heads; ++h) {
+        const float* qh = qf + h * d;
+        const T* k = krows[t0 + j] + (h / group) * d;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(k));
+        for (int64_t i = 16; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(k + i), acc);
+        _mm512_store_ps(part[h][j], acc);
+      }
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t h = 0; h < q_heads; ++h) {
+      for (int64_t j = n; j < 16; ++j) _mm512_store_ps(part[h][j], _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(scores + h * len + t0, live, reduce16(part[h]));
+    }
+  }
+}
+
+// out [q_heads, d] = the value rows weighted by the scores. DV = d / 16 registers a head, and
+// 16 / DV heads a pass over the rows, so that their sums stay in registers; `scores` has
+// zero rows past the last head for a last pass that is not full.
+template <int DV, typename T>
+void weighted_values(const float* scores, const T* const* vrows, int64_t len, int64_t q_heads, int64_t group,
+                     float* out) {
+  constexpr int64_t kHeads = 16 / DV, d = DV * 16;
+  const int64_t row_bytes = d * (q_heads / group) * sizeof(T);
+  for (int64_t h0 = 0; h0 < q_heads; h0 += kHeads) {
+    __m512 acc[kHeads][DV];
+    int64_t kv[kHeads];  // each head's offset in a row (a zero row's head reads the last one's)
+    for (int64_t g = 0; g < kHeads; ++g) {
+      kv[g] = std::min(h0 + g, q_heads - 1) / group * d;
+      for (int64_t i = 0; i < DV; ++i) acc[g][i] = _mm512_setzero_ps();
+    }
+    for (int64_t t = 0; t < len; ++t) {
+      if (h0 == 0 && t + kAhead < len) prefetch(vrows[t + kAhead], row_bytes);
+#pragma GCC unroll 16
+      for (int64_t g = 0; g < kHeads; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[(h0 + g) * len + t]);
+#pragma GCC unroll 16
+        for (int64_t i = 0; i < DV; ++i) acc[g][i] = _mm512_fmadd_ps(p, load16(vrows[t] + kv[g] + i * 16), acc[g][i]);
+      }
+    }
+    const int64_t n = std::min(kHeads, q_heads - h0);
+    for (int64_t g = 0; g < n; ++g)
+      for (int64_t i = 0; i < DV; ++i) _mm512_storeu_ps(out + (h0 + g) * d + i * 16, acc[g][i]);
+  }
+}
+#endif
 
 // One query token per sequence against its cached context, read in place from the blocks its
 // table names. Work item = one sequence: each cached token's keys (and values) of all KV heads
-// are one contiguous row, read front to back; the query heads sharing a KV head reuse it.
+// are one contiguous row; the query heads sharing a KV head reuse it.
 template <typename T>
 void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const int64_t* tables,
                            int64_t table_width, const std::vector<int64_t>& ctx, double scale, Tensor& out) {
@@ -283,49 +366,58 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
     longest = std::max(longest, n);
     total += n;
   }
+#if defined(__AVX512F__)
+  const bool vector = d % 16 == 0 && !std::is_same_v<T, double>;
+#else
+  const bool vector = false;
+#endif
   // Inline when the whole step is small (a short sequence or two); else one sequence per task.
   const int64_t g = total * q_heads * d < 8 * kParallelElements ? seqs : 1;
   at::parallel_for(0, seqs, g, [=](int64_t begin, int64_t end) {
-    std::vector<float> qf(q_heads * d), acc(q_heads * d), scores(q_heads * longest);
+    // scores: weighted_values reads up to 16 zero rows past the last head.
+    std::vector<float> qf(q_heads * d), acc(q_heads * d), scores((q_heads + 16) * longest);
+    std::vector<const T*> krows(longest), vrows(longest);
+    std::vector<float> part(vector ? q_heads * 256 + 16 : 0);  // scores_by_16's partial sums, 64-byte aligned
+    auto* parts = reinterpret_cast<float(*)[16][16]>((reinterpret_cast<uintptr_t>(part.data()) + 63) & ~uintptr_t{63});
     for (int64_t s = begin; s < end; ++s) {
       const int64_t len = lens[s];
       const int64_t* table = tables + s * table_width;
       for (int64_t h = 0; h < q_heads; ++h)
         for (int64_t i = 0; i < d; ++i) qf[h * d + i] = f32(qp[s * qs0 + h * qs1 + i]) * scale;
-      // Row t of the context is row t % block of block table[t / block]: walk it block by block.
-      for (int64_t t0 = 0; t0 < len; t0 += block) {
-        const T* krows = kc + table[t0 / block] * block * row;
+      // Row t of the context is row t % block of block table[t / block].
+      for (int64_t t0 = 0; t0 < len; t0 += block)
         for (int64_t t = t0; t < std::min(len, t0 + block); ++t) {
-          const T* krow = krows + (t - t0) * row;
-          prefetch_row(kc, table, t + kAhead, len, block, row);
-          prefetch_row(vc, table, t, len, block, row);  // read after the softmax: in cache by then
-          for (int64_t h = 0; h < q_heads; ++h) scores[h * len + t] = dot(&qf[h * d], krow + (h / group) * d, d);
+          krows[t] = kc + (table[t0 / block] * block + t - t0) * row;
+          vrows[t] = vc + (table[t0 / block] * block + t - t0) * row;
         }
-      }
-      for (int64_t h = 0; h < q_heads; ++h) {
-        float* sc = &scores[h * len];
-        const float top = *std::max_element(sc, sc + len);
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          sc[t] = fast_exp(sc[t] - top);
-          sum += sc[t];
-        }
-        const float norm = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) sc[t] *= norm;
-      }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; t0 < len; t0 += block) {
-        const T* vrows = vc + table[t0 / block] * block * row;
-        for (int64_t t = t0; t < std::min(len, t0 + block); ++t) {
-          const T* vrow = vrows + (t - t0) * row;
-          for (int64_t h = 0; h < q_heads; ++h) {
-            const float p = scores[h * len + t];
-            const T* v = vrow + (h / group) * d;
-            float* a = &acc[h * d];
-            for (int64_t i = 0; i < d; ++i) a[i] += p * f32(v[i]);
-          }
-        }
+#if defined(__AVX512F__)
+      if constexpr (!std::is_same_v<T, double>) {
+        if (vector) scores_by_16(qf.data(), krows.data(), len, q_heads, group, d, scores.data(), parts);
       }
+#endif
+      for (int64_t t = 0; t < len && !vector; ++t) {
+        if (t + kAhead < len) prefetch(krows[t + kAhead], row * sizeof(T));
+        prefetch(vrows[t], row * sizeof(T));  // read after the softmax: in cache by then
+        for (int64_t h = 0; h < q_heads; ++h) scores[h * len + t] = dot(&qf[h * d], krows[t] + (h / group) * d, d);
+      }
+      for (int64_t h = 0; h < q_heads; ++h) softmax(&scores[h * len], len);
+      std::fill(scores.begin() + q_heads * len, scores.begin() + (q_heads + 16) * len, 0.f);
+      bool done = false;
+#if defined(__AVX512F__)
+      if constexpr (!std::is_same_v<T, double>) {
+        if (vector && d == 64) weighted_values<4>(scores.data(), vrows.data(), len, q_heads, group, acc.data());
+        if (vector && d == 128) weighted_values<8>(scores.data(), vrows.data(), len, q_heads, group, acc.data());
+        done = vector && (d == 64 || d == 128);
+      }
+#endif
+      for (int64_t t = 0; t < len && !done; ++t)
+        for (int64_t h = 0; h < q_heads; ++h) {
+          const float p = scores[h * len + t];
+          const T* v = vrows[t] + (h / group) * d;
+          float* a = &acc[h * d];
+          for (int64_t i = 0; i < d; ++i) a[i] += p * f32(v[i]);
+        }
       for (int64_t h = 0; h < q_heads; ++h)
         for (int64_t i = 0; i < d; ++i) op[(s * q_heads + h) * d + i] = static_cast<T>(acc[h * d + i]);
     }

@@ -18,17 +18,20 @@ namespace {
 
 using at::Tensor;
 
-// x @ W.T for a weight given as [codes, scales, mins] (4-bit), [codes, scale] (8-bit) or
-// [weight] (float: inference/layers/gemm.py's `dense`, whose W @ x.T is faster on CPU for
-// 2..128 rows).
+// x @ W.T for a weight given as [codes, scales, mins] (4-bit, float16 scales), [codes, scale]
+// (8-bit, float32 scale), either followed by its AMX tile records, or [weight] (float:
+// inference/layers/gemm.py's `dense`, whose W @ x.T is faster on CPU for 2..128 rows).
 Tensor linear(const Tensor& x, at::TensorList w, const c10::optional<Tensor>& bias) {
-  TORCH_CHECK(w.size() >= 1 && w.size() <= 3, "a weight is [weight], [codes, scale] or [codes, scales, mins]");
+  TORCH_CHECK(w.size() >= 1 && w.size() <= 4, "a weight is [weight], [codes, scale(, tiles)] or [codes, scales, mins(, tiles)]");
   if (w.size() == 1) {
     if (x.size(0) < 2 || x.size(0) > 128) return at::linear(x, w[0], bias);
     Tensor y = at::mm(w[0], x.t()).t().contiguous();
     return bias.has_value() ? y.add_(*bias) : y;
   }
-  Tensor y = w.size() == 3 ? ringllm::q4_linear(x, w[0], w[1], w[2]) : ringllm::q8_linear(x, w[0], w[1]);
+  const bool q4 = w[1].scalar_type() == at::kHalf;
+  const size_t parts = q4 ? 3 : 2;
+  const c10::optional<Tensor> tiles = w.size() > parts ? c10::optional<Tensor>(w[parts]) : c10::nullopt;
+  Tensor y = q4 ? ringllm::q4_linear(x, w[0], w[1], w[2], tiles) : ringllm::q8_linear(x, w[0], w[1], tiles);
   return bias.has_value() ? y.add_(*bias) : y;
 }
 

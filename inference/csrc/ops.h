@@ -13,7 +13,9 @@ void rope_kv(at::Tensor qkv, const at::Tensor& cos_sin, at::Tensor k_cache, at::
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, at::IntArrayRef ctx_lens, double scale);
 at::Tensor silu_mul(const at::Tensor& x);
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins);
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                     const c10::optional<at::Tensor>& tiles);
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& tiles);
 
 }  // namespace ringllm

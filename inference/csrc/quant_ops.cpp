@@ -25,6 +25,9 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "quant_amx.h"
+#include "quant_rows.h"
+#include "reduce16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -46,33 +49,18 @@
 namespace {
 
 using at::Tensor;
+using ringllm::kBlock;
+using ringllm::quantize_blocks;
+#if defined(__AVX512F__)
+using ringllm::reduce16;
+#endif
 
-constexpr int64_t kBlock = 32;     // activations (and q4 weights) share a scale per 32 columns
 constexpr int64_t kQ4Chunk = 128;  // q4: 4 blocks, whose codes are one 64-byte load
 constexpr int64_t kQ8Chunk = 64;   // q8: 2 blocks, one 64-byte load
 constexpr int64_t kRowTile = 4;    // activation rows multiplied per pass over a weight row
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
-}
-
-// One activation row rounded to int8 per block of 32 (the last block may be shorter):
-// x ~ q * scale, scale = max|x| / 127. `sums` gets each block's float sum (the q4 min term).
-template <typename T>
-void quantize_blocks(const T* x, int64_t k, int8_t* q, float* scales, float* sums) {
-  for (int64_t b = 0; b * kBlock < k; ++b) {
-    const int64_t lo = b * kBlock, hi = std::min(k, lo + kBlock);
-    float amax = 0.f, sum = 0.f;
-    for (int64_t i = lo; i < hi; ++i) {
-      const float v = static_cast<float>(x[i]);
-      amax = std::max(amax, std::fabs(v));
-      sum += v;
-    }
-    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    for (int64_t i = lo; i < hi; ++i) q[i] = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[i]) * inv));
-    scales[b] = scale;
-    sums[b] = sum;
-  }
 }
 
 // The activations of one call, quantized once and laid out the way the kernels read them.
@@ -195,26 +183,6 @@ ALWAYS_INLINE __m512 spread4(const c10::Half* p, __mmask8 blocks) {
   const __m128 four = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, p));
   const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(four));
-}
-
-// Lane r of the result: the sum of v[r]'s 16 lanes.
-ALWAYS_INLINE __m512 reduce16(const float (*v)[16]) {
-  __m512 s1[8], s2[4], s3[2];
-  for (int i = 0; i < 8; ++i) {  // rows 2i, 2i+1: a half register each
-    const __m512 a = _mm512_load_ps(v[2 * i]), b = _mm512_load_ps(v[2 * i + 1]);
-    s1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  }
-  for (int j = 0; j < 4; ++j)  // 128-bit lane L: row 4j + L
-    s2[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0x88),
-                          _mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0xDD));
-  for (int k = 0; k < 2; ++k)  // 128-bit lane L: rows 8k + L and 8k + 4 + L, two partials each
-    s3[k] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * k], s2[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_ps(s2[2 * k], s2[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  // Element e of 128-bit lane L: row L + 4e.
-  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                 _mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, r);
 }
 
 template <int MT>
@@ -466,7 +434,18 @@ Tensor check_input(const Tensor& x, int64_t k) {
   return x.contiguous();
 }
 
-Tensor q4_linear(const Tensor& x_, const Tensor& codes, const Tensor& scales, const Tensor& mins) {
+// The weight's AMX tile records (quant_amx.h), if it has them, checked against its shape.
+bool has_tiles(const c10::optional<Tensor>& tiles, int64_t n, int64_t k, bool q4) {
+  if (!tiles.has_value()) return false;
+  const Tensor& t = *tiles;
+  TORCH_CHECK(t.scalar_type() == at::kByte && t.is_contiguous() && t.dim() == 3 && n % 16 == 0 && k % kBlock == 0 &&
+                  t.size(0) == n / 16 && t.size(1) == k / kBlock && t.size(2) == ringllm::amx::record_bytes(q4),
+              "tiles: uint8 [N/16, K/32, ", ringllm::amx::record_bytes(q4), "]");
+  return true;
+}
+
+Tensor q4_linear(const Tensor& x_, const Tensor& codes, const Tensor& scales, const Tensor& mins,
+                 const c10::optional<Tensor>& tiles) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
   const int64_t n = codes.size(0), k = codes.size(1) * 2, blocks = k / kBlock;
   TORCH_CHECK(k % kBlock == 0, "q4: K must be a multiple of ", kBlock);
@@ -478,31 +457,39 @@ Tensor q4_linear(const Tensor& x_, const Tensor& codes, const Tensor& scales, co
               "q4 mins: float16 [K/32, N]");
   const Tensor x = check_input(x_, k);
   const int64_t m = x.size(0);
-  QuantizedRows a = AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "q4_quantize",
-                                                    [&] { return quantize_for_q4(x.const_data_ptr<scalar_t>(), m, k); });
   Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   float* out = y.mutable_data_ptr<float>();
   const uint8_t* w = codes.const_data_ptr<uint8_t>();
   const c10::Half* d = scales.const_data_ptr<c10::Half>();
   const c10::Half* mn = mins.const_data_ptr<c10::Half>();
+  if (has_tiles(tiles, n, k, true) && ringllm::amx::usable(m, n, k)) {
+    ringllm::amx::q4_linear(x, tiles->const_data_ptr<uint8_t>(), mn, n, out);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  QuantizedRows a = AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "q4_quantize",
+                                                    [&] { return quantize_for_q4(x.const_data_ptr<scalar_t>(), m, k); });
   for_row_tiles(m, n, k, [&](auto mt, int64_t a0, int64_t begin, int64_t end) {
     q4_rows<decltype(mt)::value>(a, a0, w, d, mn, k, begin, end, out, n);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-Tensor q8_linear(const Tensor& x_, const Tensor& codes, const Tensor& scale) {
+Tensor q8_linear(const Tensor& x_, const Tensor& codes, const Tensor& scale, const c10::optional<Tensor>& tiles) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "q8 codes: uint8 [N, K]");
   const int64_t n = codes.size(0), k = codes.size(1);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n, "q8 scale: float32 [N]");
   const Tensor x = check_input(x_, k);
   const int64_t m = x.size(0);
-  QuantizedRows a = AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "q8_quantize",
-                                                    [&] { return quantize_for_q8(x.const_data_ptr<scalar_t>(), m, k); });
   Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   float* out = y.mutable_data_ptr<float>();
   const uint8_t* w = codes.const_data_ptr<uint8_t>();
   const float* s = scale.const_data_ptr<float>();
+  if (has_tiles(tiles, n, k, false) && ringllm::amx::usable(m, n, k)) {
+    ringllm::amx::q8_linear(x, tiles->const_data_ptr<uint8_t>(), s, n, out);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  QuantizedRows a = AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "q8_quantize",
+                                                    [&] { return quantize_for_q8(x.const_data_ptr<scalar_t>(), m, k); });
   for_row_tiles(m, n, k, [&](auto mt, int64_t a0, int64_t begin, int64_t end) {
     q8_rows<decltype(mt)::value>(a, a0, w, s, k, begin, end, out, n);
   });
@@ -512,15 +499,18 @@ Tensor q8_linear(const Tensor& x_, const Tensor& codes, const Tensor& scale) {
 }  // namespace
 
 namespace ringllm {  // ops.h
-Tensor q4_linear(const Tensor& x, const Tensor& codes, const Tensor& scales, const Tensor& mins) {
-  return ::q4_linear(x, codes, scales, mins);
+Tensor q4_linear(const Tensor& x, const Tensor& codes, const Tensor& scales, const Tensor& mins,
+                 const c10::optional<Tensor>& tiles) {
+  return ::q4_linear(x, codes, scales, mins, tiles);
 }
-Tensor q8_linear(const Tensor& x, const Tensor& codes, const Tensor& scale) {
-  return ::q8_linear(x, codes, scale);
+Tensor q8_linear(const Tensor& x, const Tensor& codes, const Tensor& scale, const c10::optional<Tensor>& tiles) {
+  return ::q8_linear(x, codes, scale, tiles);
 }
 }  // namespace ringllm
 
 TORCH_LIBRARY_FRAGMENT(ringllm, m) {
-  m.def("q4_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins) -> Tensor", q4_linear);
-  m.def("q8_linear(Tensor x, Tensor codes, Tensor scale) -> Tensor", q8_linear);
+  m.def("q4_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins, Tensor? tiles=None) -> Tensor", q4_linear);
+  m.def("q8_linear(Tensor x, Tensor codes, Tensor scale, Tensor? tiles=None) -> Tensor", q8_linear);
+  // Whether weights should carry AMX tile records (quant_amx.h) for batches.
+  m.def("amx_ready() -> bool", [] { return ringllm::amx::ready(); });
 }

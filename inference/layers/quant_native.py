@@ -40,6 +40,29 @@ def int4_blocks(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Te
 NativeCall = tuple[Any, tuple[torch.Tensor, ...]]
 
 
+def amx_tiles() -> bool:
+    """Whether weights should carry AMX tile records (csrc/quant_amx.cpp): the library is
+    loaded and the CPU and OS let it use AMX-INT8 (RINGLLM_AMX=off says no)."""
+    return kernels.loaded() and bool(torch.ops.ringllm.amx_ready())
+
+
+def tile_records(codes: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Unsigned byte codes [N, K] as AMX B tiles: for each 16 rows and block of 32 columns, 8
+    tile rows of 64 bytes, tile row d holding columns 4d .. 4d + 3 of each row in turn. Given
+    q4 block scales [N, K/32], the 4-bit codes of rows 4..7 go in the high nibbles of rows
+    0..3, then the 16 rows' scales follow as float32. [N/16, K/32, record bytes], or None for
+    a shape that does not tile."""
+    n, k = codes.shape
+    if n % 16 or k % INT4_GROUP:
+        return None
+    blocks = k // INT4_GROUP
+    tiles = codes.reshape(n // 16, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, blocks, 512)
+    if scales is not None:  # 4-bit codes: tile rows 4..7 go in the high nibbles of rows 0..3
+        rows = scales.float().reshape(n // 16, 16, blocks).transpose(1, 2).contiguous()
+        tiles = torch.cat([tiles[..., :256] | (tiles[..., 256:] << 4), rows.view(torch.uint8)], dim=2)
+    return tiles.contiguous()
+
+
 def _native_or_dequantized(p: Q4Native | Q8Native, x: torch.Tensor) -> torch.Tensor:
     call = p.native() if x.device.type == "cpu" else None
     if call is None:  # without the library (or off the CPU): correct, slow
@@ -70,6 +93,8 @@ class Q4Native(nn.Module):
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("mins", mins.t().contiguous())  # [blocks, out]: the kernel sums 16 rows at once
         self.shape = (out_f, in_f)
+        # Batches on AMX multiply a second copy of the codes, laid out as tiles (+0.6 byte a weight).
+        self.tiles = tile_records(codes.reshape(out_f, in_f), self.scales) if amx_tiles() else None
 
     def dequantized(self) -> torch.Tensor:
         c = self.codes.reshape(self.shape[0], -1, 16)
@@ -77,7 +102,10 @@ class Q4Native(nn.Module):
         return (codes * self.scales.float()[..., None] + self.mins.t().float()[..., None]).reshape(self.shape)
 
     def native(self) -> NativeCall | None:
-        return (torch.ops.ringllm.q4_linear.default, (self.codes, self.scales, self.mins)) if kernels.loaded() else None
+        if not kernels.loaded():
+            return None
+        tiles = () if self.tiles is None else (self.tiles,)
+        return torch.ops.ringllm.q4_linear.default, (self.codes, self.scales, self.mins, *tiles)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _native_or_dequantized(self, x)
@@ -96,12 +124,16 @@ class Q8Native(nn.Module):
         self.register_buffer("codes", (codes.to(torch.int16) + 128).to(torch.uint8))
         self.register_buffer("scale", scale.contiguous())
         self.shape = tuple(weight.shape)
+        self.tiles = tile_records(self.codes) if amx_tiles() else None  # for batches on AMX, in the same bytes
 
     def dequantized(self) -> torch.Tensor:
         return (self.codes.float() - 128) * self.scale[:, None]
 
     def native(self) -> NativeCall | None:
-        return (torch.ops.ringllm.q8_linear.default, (self.codes, self.scale)) if kernels.loaded() else None
+        if not kernels.loaded():
+            return None
+        tiles = () if self.tiles is None else (self.tiles,)
+        return torch.ops.ringllm.q8_linear.default, (self.codes, self.scale, *tiles)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _native_or_dequantized(self, x)
