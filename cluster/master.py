@@ -229,9 +229,16 @@ class Master:
                 cfg.model, cfg.dtype, cfg.device, layers=LayerRange(0, 0, n, embed=True, head=True), quant=cfg.quant
             )
             tokenizer = load_tokenizer(ends.path)
-            num_blocks = kv_pool_blocks(cfg, ends.config, n)  # every stage holds the same block ids
+            num_blocks = kv_pool_blocks(cfg, ends.config, n, quant=ends.quant)  # every stage holds the same block ids
             local = ModelRunner(
-                ends.model, ends.config, ends.layers, num_blocks, cfg.block_size, DTYPES[cfg.dtype], cfg.device
+                ends.model,
+                ends.config,
+                ends.layers,
+                num_blocks,
+                cfg.block_size,
+                DTYPES[cfg.dtype],
+                cfg.device,
+                ends.quant,
             )
 
             def make_engine(runner):

@@ -105,7 +105,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         and the pool's limits with the default batch sizes)."""
         if runner is None:
             runner = ModelRunner(
-                loaded.model, loaded.config, loaded.layers, num_blocks, block_size, DTYPES[dtype], self.device
+                loaded.model,
+                loaded.config,
+                loaded.layers,
+                num_blocks,
+                block_size,
+                DTYPES[dtype],
+                self.device,
+                loaded.quant,
             )
         if limits is None:
             limits = stage_limits(loaded, num_blocks, block_size)

@@ -22,7 +22,7 @@ from .errors import InvalidParameter
 from .grammar import Grammar, GrammarCompiler
 from .kv_cache import KVCacheManager
 from .loader import DTYPES, LoadedModel, load_model
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, kv_cache_dtype
 from .multimodal import ImageInputs
 from .runner import PromptSpan, Runner, StepInputs
 from .sampler import SampleOutput, Sampler, SamplerState, score_tokens
@@ -73,12 +73,16 @@ class _Request:
     prompt_scores: list[SampleOutput] | None = None
 
 
-def kv_pool_blocks(cfg: EngineConfig, mcfg: ModelConfig, num_layers: int, cuda_device: str | None = None) -> int:
+def kv_pool_blocks(
+    cfg: EngineConfig, mcfg: ModelConfig, num_layers: int, cuda_device: str | None = None, quant: str = "none"
+) -> int:
     """The KV pool for `num_layers` layers: cfg.kv_cache_gb if set, else enough for
     max_batch full contexts, capped by device memory (and at 1 GiB on CPU). The one sizing
     rule: a single process, a TP group and a pipeline (all layers' worth, so every stage
-    holds the same block ids) all use it."""
-    block_bytes = mcfg.kv_block_bytes(num_layers, cfg.block_size, DTYPES[cfg.dtype].itemsize)
+    holds the same block ids) all use it. `quant`: how the weights are held (resolved, never
+    "auto"), which decides the cache's dtype (model_runner.kv_cache_dtype)."""
+    itemsize = kv_cache_dtype(DTYPES[cfg.dtype], cfg.device, quant).itemsize
+    block_bytes = mcfg.kv_block_bytes(num_layers, cfg.block_size, itemsize)
     if cfg.kv_cache_gb is not None:
         budget = cfg.kv_cache_gb * 2**30
     else:
@@ -141,13 +145,21 @@ class Engine:
         self.load_seconds = time.perf_counter() - t0
         mcfg = self.loaded.config
         dtype = DTYPES[cfg.dtype]
-        block_bytes = mcfg.kv_block_bytes(len(self.loaded.layers), cfg.block_size, dtype.itemsize)
+        kv_dtype = kv_cache_dtype(dtype, cfg.device, self.loaded.quant)
+        block_bytes = mcfg.kv_block_bytes(len(self.loaded.layers), cfg.block_size, kv_dtype.itemsize)
         if num_blocks is None:
-            num_blocks = kv_pool_blocks(cfg, mcfg, len(self.loaded.layers))
+            num_blocks = kv_pool_blocks(cfg, mcfg, len(self.loaded.layers), quant=self.loaded.quant)
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.prefix_cache)
         self.max_model_len = min(cfg.max_model_len or mcfg.max_position, mcfg.max_position, self.kv.capacity_tokens)
         self.runner: Runner = runner or ModelRunner(
-            self.loaded.model, mcfg, self.loaded.layers, num_blocks, cfg.block_size, dtype, cfg.device
+            self.loaded.model,
+            mcfg,
+            self.loaded.layers,
+            num_blocks,
+            cfg.block_size,
+            dtype,
+            cfg.device,
+            self.loaded.quant,
         )
         self.scheduler = Scheduler(self.kv, cfg.max_batch, cfg.max_batch_tokens, cfg.max_seqs_per_request)
         self.sampler = Sampler()
@@ -168,10 +180,11 @@ class Engine:
         self._requests: dict[int, _Request] = {}
         self.num_aborted = 0
         log.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB); max context %d",
+            "KV cache: %d blocks of %d tokens (%.2f GiB, %s); max context %d",
             num_blocks,
             cfg.block_size,
             num_blocks * block_bytes / 2**30,
+            str(kv_dtype).removeprefix("torch."),
             self.max_model_len,
         )
 

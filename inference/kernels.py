@@ -182,8 +182,8 @@ def rope_kv(
         qk = qkv
     else:
         qk = apply_rotary(qkv[:, : h + kv], (cos_sin[:, :1], cos_sin[:, 1:]))
-        k_cache.view(-1, kv, qkv.shape[-1]).index_copy_(0, slot_mapping, qk[:, h:])
-        v_cache.view(-1, kv, qkv.shape[-1]).index_copy_(0, slot_mapping, qkv[:, h + kv :])
+        k_cache.view(-1, kv, qkv.shape[-1]).index_copy_(0, slot_mapping, qk[:, h:].to(k_cache.dtype))
+        v_cache.view(-1, kv, qkv.shape[-1]).index_copy_(0, slot_mapping, qkv[:, h + kv :].to(v_cache.dtype))
     return qk[:, :h], qk[:, h : h + kv], qkv[:, h + kv :]
 
 

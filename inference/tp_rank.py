@@ -93,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         loaded = load_model(args.model, args.dtype, device, rng, args.attn, args.quant)
         runner = ModelRunner(
-            loaded.model, loaded.config, loaded.layers, args.num_blocks, args.block_size, DTYPES[args.dtype], device
+            loaded.model,
+            loaded.config,
+            loaded.layers,
+            args.num_blocks,
+            args.block_size,
+            DTYPES[args.dtype],
+            device,
+            loaded.quant,
         )
         dist.barrier()
         serve(runner, runner.device, DTYPES[args.dtype])

@@ -233,7 +233,9 @@ def start_tp(
             torch.set_num_threads(threads_per_rank(tp))
         init_group(store, 0, tp, dev)
         loaded = load_model(str(path), dtype, dev, rng, attn, quant)
-        local = ModelRunner(loaded.model, loaded.config, loaded.layers, num_blocks, block_size, DTYPES[dtype], dev)
+        local = ModelRunner(
+            loaded.model, loaded.config, loaded.layers, num_blocks, block_size, DTYPES[dtype], dev, loaded.quant
+        )
         dist.barrier()  # every rank holds its shard and its KV pool
     except BaseException:
         ranks.closing = True
@@ -253,7 +255,8 @@ def tp_engine(cfg: EngineConfig, host: str | None = "127.0.0.1", tokenizer=None)
     mcfg = read_config(resolve_model(cfg.model))
     # Decided before the Engine exists, because the ranks allocate their pools first;
     # counted for all KV heads (the ranks' shares add up to that on one machine).
-    num_blocks = kv_pool_blocks(cfg, mcfg, mcfg.num_layers, rank_device(cfg.device, 0))
+    quant = resolve_quant(cfg.quant, cfg.model, cfg.device)
+    num_blocks = kv_pool_blocks(cfg, mcfg, mcfg.num_layers, rank_device(cfg.device, 0), quant)
     runner = start_tp(
         cfg.model, cfg.dtype, cfg.device, None, num_blocks, cfg.block_size, cfg.tp, host, cfg.attn, cfg.quant
     )

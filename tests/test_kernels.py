@@ -106,6 +106,34 @@ def test_decode_attention_matches_sdpa_over_random_tables(dtype, heads, kv_heads
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_a_narrower_cache_under_float32_activations(cache_dtype):
+    # Quantized weights on CPU keep keys and values in bf16 (model_runner.kv_cache_dtype): the
+    # kernels write them rounded as torch's .to() rounds, and read them back as floats.
+    torch.manual_seed(0)
+    h, kv, d, tokens = 6, 2, 64, 5
+    qkv = torch.randn(tokens, h + 2 * kv, d)
+    cos_sin = torch.randn(tokens, 2, d)
+    k_cache, v_cache = torch.zeros(20, 16, kv, d, dtype=cache_dtype), torch.zeros(20, 16, kv, d, dtype=cache_dtype)
+    slots = torch.randperm(320)[:tokens]
+    rotated = qkv.clone()
+    torch.ops.ringllm.rope_kv(rotated, cos_sin, k_cache, v_cache, slots, h, kv)
+    assert torch.equal(rotated[:, : h + kv], apply_rotary(qkv[:, : h + kv], (cos_sin[:, :1], cos_sin[:, 1:])))
+    assert torch.equal(k_cache.view(-1, kv, d)[slots], rotated[:, h : h + kv].to(cache_dtype))
+    assert torch.equal(v_cache.view(-1, kv, d)[slots], qkv[:, h + kv :].to(cache_dtype))
+    for head_dim in (64, 40):  # the vector path and the generic one
+        k_cache = torch.randn(40, 16, kv, head_dim).to(cache_dtype)
+        v_cache = torch.randn(40, 16, kv, head_dim).to(cache_dtype)
+        ctx = [1, 17, 300]
+        tables = torch.stack([torch.randperm(40)[:20] for _ in ctx])
+        q = torch.randn(len(ctx), h, head_dim)
+        got = torch.ops.ringllm.decode_attention(q, k_cache, v_cache, tables, ctx, head_dim**-0.5)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, reference_decode(q, k_cache, v_cache, tables, ctx), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="does not go with"):  # only under float32 activations
+        torch.ops.ringllm.decode_attention(q.bfloat16(), k_cache.half(), v_cache.half(), tables, ctx, 0.125)
+
+
 def test_bad_indices_from_a_peer_are_errors_not_memory_accesses():
     k_cache, v_cache = torch.zeros(4, 16, 2, 64), torch.zeros(4, 16, 2, 64)
     q = torch.zeros(1, 4, 64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference.config import EngineConfig, SamplingParams
-from inference.engine import Engine
+from inference.engine import Engine, kv_pool_blocks
 from inference.layers.linear import MergedColumnParallelLinear
 from inference.layers.quant import (
     AMX_DENSE_ROWS,
@@ -22,6 +22,7 @@ from inference.layers.quant import (
     pack,
 )
 from inference.loader import load_model, resolve_quant
+from inference.model_runner import kv_cache_dtype
 from tests.tiny_models import IdTokenizer, make_tiny
 
 AMX = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
@@ -143,3 +144,16 @@ def test_the_default_model_quantized_still_answers():
         ids = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
         (_, text, _) = engine.generate([ids], SamplingParams(temperature=0, max_tokens=16))[0]
         assert "Paris" in text, (quant, text)
+        # ... with its keys and values in bf16: twice the blocks in the same budget.
+        assert engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+        mcfg, n = engine.loaded.config, engine.loaded.config.num_layers
+        assert engine.kv.pool.num_blocks == kv_pool_blocks(engine.cfg, mcfg, n, quant=quant)
+        assert engine.kv.pool.num_blocks >= 2 * kv_pool_blocks(engine.cfg, mcfg, n)
+
+
+def test_which_kv_caches_are_bf16():
+    assert kv_cache_dtype(torch.float32, "cpu", "int4") == torch.bfloat16
+    assert kv_cache_dtype(torch.float32, "cpu", "int8") == torch.bfloat16
+    assert kv_cache_dtype(torch.float32, "cpu", "none") == torch.float32  # float weights: exact parity
+    assert kv_cache_dtype(torch.float32, "cuda:0", "int4") == torch.float32
+    assert kv_cache_dtype(torch.float16, "cpu", "int4") == torch.float16

@@ -197,21 +197,32 @@ void check_cache(const Tensor& k_cache, const Tensor& v_cache, const Tensor& lik
                   v_cache.is_contiguous(),
               "expected two contiguous [blocks, block_size, kv_heads, head_dim] caches");
   TORCH_CHECK(k_cache.size(2) == kv_heads && k_cache.size(3) == dim, "cache heads do not match");
-  TORCH_CHECK(k_cache.scalar_type() == like.scalar_type() && v_cache.scalar_type() == like.scalar_type(),
-              "cache dtype differs from the activations'");
+  // The activations' dtype, or bfloat16 / float16 under float32 activations (half the bytes
+  // a decode step reads: inference/model_runner.py's kv_cache_dtype).
+  const auto c = k_cache.scalar_type(), a = like.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == c && (c == a || (a == at::kFloat && (c == at::kBFloat16 || c == at::kHalf))),
+              "cache dtype ", c, " does not go with ", a, " activations");
+}
+
+// Runs fn(activation type, cache type) for the pairs check_cache allows.
+template <typename Fn>
+void dispatch_cache(at::ScalarType activations, at::ScalarType cache, Fn fn) {
+  if (activations == at::kFloat && cache == at::kBFloat16) return fn(float{}, c10::BFloat16{});
+  if (activations == at::kFloat && cache == at::kHalf) return fn(float{}, c10::Half{});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, activations, "cache", [&] { fn(scalar_t{}, scalar_t{}); });
 }
 
 // Rotates the query and key heads of qkv [T, q_heads + 2 kv_heads, D] in place
 // (x * cos + roll(x, D/2) * sin, the sine sign-folded as in layers/rotary.py) and writes the
 // rotated keys and the values to their cache rows.
-template <typename T>
+template <typename T, typename C>
 void rope_kv_impl(Tensor& qkv, const Tensor& cos_sin, Tensor& k_cache, Tensor& v_cache, const int64_t* slots,
                   int64_t q_heads, int64_t kv_heads) {
   const int64_t tokens = qkv.size(0), heads = qkv.size(1), d = qkv.size(2), half = d / 2;
   T* base = qkv.mutable_data_ptr<T>();
   const T* table = cos_sin.const_data_ptr<T>();
-  T* kc = k_cache.mutable_data_ptr<T>();
-  T* vc = v_cache.mutable_data_ptr<T>();
+  C* kc = k_cache.mutable_data_ptr<C>();
+  C* vc = v_cache.mutable_data_ptr<C>();
   at::parallel_for(0, tokens, grain(heads * d), [=](int64_t begin, int64_t end) {
     std::vector<float> x(d);
     for (int64_t t = begin; t < end; ++t) {
@@ -226,9 +237,14 @@ void rope_kv_impl(Tensor& qkv, const Tensor& cos_sin, Tensor& k_cache, Tensor& v
           head[i] = static_cast<T>(round_to<T>(x[i] * f32(cos[i])) + round_to<T>(partner * f32(sin[i])));
         }
       }
-      const int64_t slot = slots[t];
-      std::memcpy(kc + slot * kv_heads * d, row + q_heads * d, kv_heads * d * sizeof(T));
-      std::memcpy(vc + slot * kv_heads * d, row + (q_heads + kv_heads) * d, kv_heads * d * sizeof(T));
+      const int64_t slot = slots[t], n = kv_heads * d;
+      if constexpr (std::is_same_v<T, C>) {
+        std::memcpy(kc + slot * n, row + q_heads * d, n * sizeof(T));
+        std::memcpy(vc + slot * n, row + (q_heads + kv_heads) * d, n * sizeof(T));
+      } else {  // rounded to nearest even, as torch's .to() does
+        for (int64_t i = 0; i < n; ++i) kc[slot * n + i] = static_cast<C>(f32(row[q_heads * d + i]));
+        for (int64_t i = 0; i < n; ++i) vc[slot * n + i] = static_cast<C>(f32(row[(q_heads + kv_heads) * d + i]));
+      }
     }
   });
 }
@@ -250,8 +266,8 @@ void rope_kv(Tensor qkv, const Tensor& cos_sin, Tensor k_cache, Tensor v_cache, 
   const int64_t rows = k_cache.size(0) * k_cache.size(1);
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slots[t] >= 0 && slots[t] < rows, "cache slot ", slots[t], " out of range [0, ", rows, ")");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_kv", [&] {
-    rope_kv_impl<scalar_t>(qkv, cos_sin, k_cache, v_cache, slots, q_heads, kv_heads);
+  dispatch_cache(qkv.scalar_type(), k_cache.scalar_type(), [&](auto t, auto c) {
+    rope_kv_impl<decltype(t), decltype(c)>(qkv, cos_sin, k_cache, v_cache, slots, q_heads, kv_heads);
   });
 }
 
@@ -290,8 +306,7 @@ ALWAYS_INLINE void softmax(float* x, int64_t n) {
 // The vector path of decode attention (head_dim a multiple of 16), one sequence's context rows
 // given in order. Scores 16 rows at a time: each (head, row) dot product is left as 16 partial
 // sums, and one shuffle tree adds up 16 rows' at once (a horizontal sum per dot product, plus
-// a scalar softmax, cost more than the multiply-adds: the default model's 16 streams x 130
-// tokens spent 15 ms a step in attention).
+// a scalar softmax, cost more than the multiply-adds).
 template <typename T>
 void scores_by_16(const float* qf, const T* const* krows, int64_t len, int64_t q_heads, int64_t group, int64_t d,
                   float* scores, float (*part)[16][16]) {
@@ -349,16 +364,17 @@ void weighted_values(const float* scores, const T* const* vrows, int64_t len, in
 
 // One query token per sequence against its cached context, read in place from the blocks its
 // table names. Work item = one sequence: each cached token's keys (and values) of all KV heads
-// are one contiguous row; the query heads sharing a KV head reuse it.
-template <typename T>
+// are one contiguous row; the query heads sharing a KV head reuse it. T: the activations'
+// type; C: the cache's.
+template <typename T, typename C>
 void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const int64_t* tables,
                            int64_t table_width, const std::vector<int64_t>& ctx, double scale, Tensor& out) {
   const int64_t seqs = q.size(0), q_heads = q.size(1), d = q.size(2);
   const int64_t block = k_cache.size(1), kv_heads = k_cache.size(2), group = q_heads / kv_heads;
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), row = kv_heads * d;
   const T* qp = q.const_data_ptr<T>();
-  const T* kc = k_cache.const_data_ptr<T>();
-  const T* vc = v_cache.const_data_ptr<T>();
+  const C* kc = k_cache.const_data_ptr<C>();
+  const C* vc = v_cache.const_data_ptr<C>();
   T* op = out.mutable_data_ptr<T>();
   const int64_t* lens = ctx.data();
   int64_t longest = 0, total = 0;
@@ -376,7 +392,7 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
   at::parallel_for(0, seqs, g, [=](int64_t begin, int64_t end) {
     // scores: weighted_values reads up to 16 zero rows past the last head.
     std::vector<float> qf(q_heads * d), acc(q_heads * d), scores((q_heads + 16) * longest);
-    std::vector<const T*> krows(longest), vrows(longest);
+    std::vector<const C*> krows(longest), vrows(longest);
     std::vector<float> part(vector ? q_heads * 256 + 16 : 0);  // scores_by_16's partial sums, 64-byte aligned
     auto* parts = reinterpret_cast<float(*)[16][16]>((reinterpret_cast<uintptr_t>(part.data()) + 63) & ~uintptr_t{63});
     for (int64_t s = begin; s < end; ++s) {
@@ -397,8 +413,8 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
       }
 #endif
       for (int64_t t = 0; t < len && !vector; ++t) {
-        if (t + kAhead < len) prefetch(krows[t + kAhead], row * sizeof(T));
-        prefetch(vrows[t], row * sizeof(T));  // read after the softmax: in cache by then
+        if (t + kAhead < len) prefetch(krows[t + kAhead], row * sizeof(C));
+        prefetch(vrows[t], row * sizeof(C));  // read after the softmax: in cache by then
         for (int64_t h = 0; h < q_heads; ++h) scores[h * len + t] = dot(&qf[h * d], krows[t] + (h / group) * d, d);
       }
       for (int64_t h = 0; h < q_heads; ++h) softmax(&scores[h * len], len);
@@ -414,7 +430,7 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
       for (int64_t t = 0; t < len && !done; ++t)
         for (int64_t h = 0; h < q_heads; ++h) {
           const float p = scores[h * len + t];
-          const T* v = vrows[t] + (h / group) * d;
+          const C* v = vrows[t] + (h / group) * d;
           float* a = &acc[h * d];
           for (int64_t i = 0; i < d; ++i) a[i] += p * f32(v[i]);
         }
@@ -446,8 +462,8 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
     }
   }
   Tensor out = at::empty({seqs, q.size(1), d}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    decode_attention_impl<scalar_t>(q, k_cache, v_cache, tables, width, ctx, scale, out);
+  dispatch_cache(q.scalar_type(), k_cache.scalar_type(), [&](auto t, auto c) {
+    decode_attention_impl<decltype(t), decltype(c)>(q, k_cache, v_cache, tables, width, ctx, scale, out);
   });
   return out;
 }

@@ -123,14 +123,16 @@ class Attention(nn.Module):
             if ctx == n:  # fresh prompt: its keys are exactly this step's keys
                 ks, vs = k[start : start + n], v[start : start + n]
             else:  # a later chunk: earlier keys come from the cache
-                ks, vs = self._gather(meta.block_tables[i], ctx, k_cache, v_cache, meta.block_size)
+                ks, vs = self._gather(meta.block_tables[i], ctx, k_cache, v_cache, meta.block_size, q.dtype)
             out[start : start + n] = self._prefill(qs, ks, vs)
             start += n
         return out
 
-    def _gather(self, table: torch.Tensor, ctx: int, k_cache, v_cache, block_size: int):
+    def _gather(self, table: torch.Tensor, ctx: int, k_cache, v_cache, block_size: int, dtype: torch.dtype):
+        """The first `ctx` cached keys and values of a sequence, in the activations' `dtype`
+        (the cache may hold them in a narrower one: model_runner.kv_cache_dtype)."""
         blocks = table[: -(-ctx // block_size)]
-        return _blocks(k_cache, blocks)[:ctx], _blocks(v_cache, blocks)[:ctx]
+        return _blocks(k_cache, blocks)[:ctx].to(dtype), _blocks(v_cache, blocks)[:ctx].to(dtype)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention aligned bottom-right: query i sees keys up to len(k)-len(q)+i."""
@@ -163,7 +165,7 @@ class Attention(nn.Module):
         tables = meta.block_tables[:nd]
         max_len = meta.decode_len
         nblocks = -(-max_len // meta.block_size)
-        ks = _blocks(k_cache, tables[:, :nblocks])[:, :max_len]  # [nd, L, KVH, D]
-        vs = _blocks(v_cache, tables[:, :nblocks])[:, :max_len]
+        ks = _blocks(k_cache, tables[:, :nblocks])[:, :max_len].to(q.dtype)  # [nd, L, KVH, D]
+        vs = _blocks(v_cache, tables[:, :nblocks])[:, :max_len].to(q.dtype)
         o = _sdpa(q[:, :, None], ks.transpose(1, 2), vs.transpose(1, 2), mask=meta.decode_mask)
         return o[:, :, 0]

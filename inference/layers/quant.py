@@ -52,10 +52,10 @@ AMX_DENSE_ROWS = 6
 # step (the default model, 2 cores, AMX) they stay ahead up to ~16 rows (16 sequences: 423-473
 # tok/s against 392-403), even at 32, and behind from 48 (366-460 against 481-537).
 NATIVE_DENSE_ROWS = 24
-# (With AMX-INT8 our kernels multiply 4 rows and more on tiles, csrc/quant_amx.cpp: 16 rows in
-# 31 ms for the 30 layers where the bf16 copy took 61, and still ahead at 48 rows, 90 / 112.
-# The copy keeps prompts, though: their activations rounded to int8 changed the default
-# model's greedy answers, e.g. to "What is the capital of France?" in int4.)
+# (With AMX-INT8 our kernels multiply 4 rows and more on tiles, csrc/quant_amx.cpp: 16 rows of
+# the 30 layers in 16 ms where the bf16 copy took 34, 24 rows in 22 against 41. The copy keeps
+# prompts, though: their activations rounded to int8 changed the int4 default model's
+# greedy answer to "What is the capital of France?".)
 
 
 @functools.cache
