@@ -79,6 +79,7 @@ class Q4Native(nn.Module):
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor
+    tiles: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -94,7 +95,8 @@ class Q4Native(nn.Module):
         self.register_buffer("mins", mins.t().contiguous())  # [blocks, out]: the kernel sums 16 rows at once
         self.shape = (out_f, in_f)
         # Batches on AMX multiply a second copy of the codes, laid out as tiles (+0.6 byte a weight).
-        self.tiles = tile_records(codes.reshape(out_f, in_f), self.scales) if amx_tiles() else None
+        tiles = tile_records(codes.reshape(out_f, in_f), self.scales) if amx_tiles() else None
+        self.register_buffer("tiles", tiles, persistent=False)  # counted as memory, never saved
 
     def dequantized(self) -> torch.Tensor:
         c = self.codes.reshape(self.shape[0], -1, 16)
@@ -117,6 +119,7 @@ class Q8Native(nn.Module):
 
     codes: torch.Tensor
     scale: torch.Tensor
+    tiles: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -124,7 +127,8 @@ class Q8Native(nn.Module):
         self.register_buffer("codes", (codes.to(torch.int16) + 128).to(torch.uint8))
         self.register_buffer("scale", scale.contiguous())
         self.shape = tuple(weight.shape)
-        self.tiles = tile_records(self.codes) if amx_tiles() else None  # for batches on AMX, in the same bytes
+        tiles = tile_records(self.codes) if amx_tiles() else None  # for batches on AMX, in the same bytes
+        self.register_buffer("tiles", tiles, persistent=False)
 
     def dequantized(self) -> torch.Tensor:
         return (self.codes.float() - 128) * self.scale[:, None]
