@@ -195,13 +195,9 @@ def check_port(host: str, port: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads. OpenMP threads that spin without end make a CPU-shared server crawl
-    # (3-6x slower decoding measured on a busy 2-core machine), but a decode step opens ~125
-    # parallel regions (each quantized matmul is one), and waking a sleeping thread for each
-    # cost 4-5 ms of a 10 ms int4 step. So they spin ~0.1 ms (libgomp counts ~100k spins a
-    # millisecond), which covers the gaps inside a step, then sleep. Either can be overridden.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # runtimes other than libgomp
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # libgomp (torch's on Linux): overrides PASSIVE's 0
+    from inference.compute_thread import omp_wait_defaults
+
+    omp_wait_defaults()  # before torch loads
     args = build_parser().parse_args(argv)
     from inference import cli
 

@@ -19,11 +19,14 @@ import sys
 import time
 from functools import partial
 
+from inference.compute_thread import in_fresh_thread, omp_wait_defaults
+
+omp_wait_defaults()  # before torch loads (libgomp reads the environment once), as app.py does
+
 import psutil
 import torch
 
 from inference import cli
-from inference.compute_thread import in_fresh_thread
 from inference.config import LayerRange
 from inference.errors import InferenceError
 from inference.loader import LoadedModel, load_model

@@ -66,3 +66,34 @@ def test_a_cancelled_caller_does_not_break_the_loop():
         await asyncio.sleep(0.05)
 
     asyncio.run(main())
+
+
+WAIT_POLICY_CHECK = """
+import builtins, os
+seen = []  # the environment when torch is first imported
+load = builtins.__import__
+def spy(name, *args, **kwargs):
+    if name == "torch" and not seen:
+        seen.append((os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY")))
+    return load(name, *args, **kwargs)
+builtins.__import__ = spy
+import cluster.worker  # the module `python -m cluster.worker` runs
+print(*seen[0])
+"""
+
+
+def test_a_worker_gets_the_masters_openmp_waiting_before_torch_loads():
+    # libgomp reads these once, when torch loads: a worker imports torch at module level, so
+    # its module must set them first (app.py sets them in main, before its first torch import).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", WAIT_POLICY_CHECK], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["10000", "PASSIVE"]
+    env["GOMP_SPINCOUNT"] = "0"  # the user's own setting wins
+    out = subprocess.run([sys.executable, "-c", WAIT_POLICY_CHECK], env=env, cwd=root, capture_output=True, text=True)
+    assert out.stdout.split() == ["0", "PASSIVE"]
