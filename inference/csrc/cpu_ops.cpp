@@ -307,14 +307,29 @@ ALWAYS_INLINE void softmax(float* x, int64_t n) {
 // given in order. Scores 16 rows at a time: each (head, row) dot product is left as 16 partial
 // sums, and one shuffle tree adds up 16 rows' at once (a horizontal sum per dot product, plus
 // a scalar softmax, cost more than the multiply-adds).
-template <typename T>
+// DV: head_dim / 16 where it is 4 or 8, whose key rows are loaded (and widened) once for all
+// the query heads that share them; 0 for any other multiple of 16.
+template <int DV, typename T>
 void scores_by_16(const float* qf, const T* const* krows, int64_t len, int64_t q_heads, int64_t group, int64_t d,
                   float* scores, float (*part)[16][16]) {
-  const int64_t row_bytes = d * (q_heads / group) * sizeof(T);
+  const int64_t kv_heads = q_heads / group, row_bytes = d * kv_heads * sizeof(T);
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - t0);
     for (int64_t j = 0; j < n; ++j) {
       if (t0 + j + kAhead < len) prefetch(krows[t0 + j + kAhead], row_bytes);
+      if constexpr (DV > 0) {
+        for (int64_t kh = 0; kh < kv_heads; ++kh) {
+          __m512 k[DV];
+          for (int64_t i = 0; i < DV; ++i) k[i] = load16(krows[t0 + j] + kh * d + i * 16);
+          for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+            const float* qh = qf + h * d;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);
+            for (int64_t i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i * 16), k[i], acc);
+            _mm512_store_ps(part[h][j], acc);
+          }
+        }
+        continue;
+      }
       for (int64_t h = 0; h < q_heads; ++h) {
         const float* qh = qf + h * d;
         const T* k = krows[t0 + j] + (h / group) * d;
@@ -409,7 +424,11 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
       std::fill(acc.begin(), acc.end(), 0.f);
 #if defined(__AVX512F__)
       if constexpr (!std::is_same_v<T, double>) {
-        if (vector) scores_by_16(qf.data(), krows.data(), len, q_heads, group, d, scores.data(), parts);
+        if (vector && d == 64) scores_by_16<4>(qf.data(), krows.data(), len, q_heads, group, d, scores.data(), parts);
+        else if (vector && d == 128)
+          scores_by_16<8>(qf.data(), krows.data(), len, q_heads, group, d, scores.data(), parts);
+        else if (vector)
+          scores_by_16<0>(qf.data(), krows.data(), len, q_heads, group, d, scores.data(), parts);
       }
 #endif
       for (int64_t t = 0; t < len && !vector; ++t) {
