@@ -1,6 +1,8 @@
 // Quantized matmuls for the decode step: y = x @ W.T with W held as 4-bit or 8-bit codes,
 // built and loaded with cpu_ops.cpp (inference/kernels.py) as torch.ops.ringllm.q4_linear
-// and torch.ops.ringllm.q8_linear; inference/layers/quant.py packs the weights.
+// and torch.ops.ringllm.q8_linear; inference/layers/quant_native.py packs the weights. A
+// weight that also carries AMX tile records hands batches of 4 rows and more to
+// quant_amx.cpp.
 //
 // Why our own: at batch 1 a matmul reads each weight once, so it should run at the speed the
 // weights stream from cache or memory. torch's int4/int8 pack kernels widen every weight to
@@ -10,7 +12,7 @@
 // own, and multiply codes by codes in integers (AVX512-VNNI's vpdpbusd: 64 multiply-adds per
 // instruction), leaving one float multiply-add per block.
 //
-// Formats (inference/layers/quant.py builds them):
+// Formats (inference/layers/quant_native.py builds them):
 // - q4: codes uint8 [N, K/2], block b of row n in bytes [16 b, 16 b + 16), byte j holding
 //   code j (low nibble) and code j + 16 (high nibble), which is llama.cpp's Q4_1 block
 //   layout; scales float16 [N, K/32], mins float16 [K/32, N] (summed over 16 rows at
