@@ -158,7 +158,15 @@ def load_model(
     load_weights(model, path, rng)
     if spec is not None:
         packable = [m for m in model.modules() if isinstance(m, PackableWeight)]
-        if spec.dense_rows is not None and not _room_for_bf16_copies(packable):
+        # The AMX tile records (batches) and the bf16 copies (prompts) speed things up at a cost
+        # in memory: each is kept only while it takes at most a quarter of what is free now
+        # (small models; big ones stay lean).
+        tile_bytes = 0.625 if kind == "int4" else 1.0  # q4: 320-byte records a 512 weights
+        if spec.tiles and not _room_for(packable, tile_bytes):
+            spec = dataclasses.replace(spec, tiles=False)
+            for m in packable:
+                m.tiles = False
+        if spec.dense_rows is not None and not _room_for(packable, 2 + (tile_bytes if spec.tiles else 0)):
             spec = dataclasses.replace(spec, dense_rows=None)
             for m in packable:
                 m.dense_rows = None
@@ -169,12 +177,12 @@ def load_model(
     return LoadedModel(model, cfg, path, rng, kind)
 
 
-def _room_for_bf16_copies(layers: Sequence[PackableWeight]) -> bool:
-    """The bf16 copies that speed up prefill on AMX cost 2 bytes a weight: keep them only while
-    they take at most a quarter of the memory available now (small models; big ones stay lean)."""
+def _room_for(layers: Sequence[PackableWeight], bytes_per_weight: float) -> bool:
+    """Whether copies of the layers' weights at `bytes_per_weight` take at most a quarter of
+    the memory available now."""
     import psutil
 
-    need = 2 * sum(m.weight.numel() for m in layers if m.weight is not None)
+    need = bytes_per_weight * sum(m.weight.numel() for m in layers if m.weight is not None)
     return need <= psutil.virtual_memory().available // 4
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from inference import kernels
 from inference.config import EngineConfig, SamplingParams
 from inference.engine import Engine, kv_pool_blocks
 from inference.layers.linear import MergedColumnParallelLinear
@@ -21,6 +22,7 @@ from inference.layers.quant import (
     has_fbgemm,
     pack,
 )
+from inference.layers.quant_native import amx_tiles
 from inference.loader import load_model, resolve_quant
 from inference.model_runner import kv_cache_dtype
 from tests.tiny_models import IdTokenizer, make_tiny
@@ -104,14 +106,20 @@ def test_from_16_rows_an_amx_layer_multiplies_by_its_bf16_copy():
     assert torch.equal(layer(x), torch.nn.functional.linear(x.bfloat16(), w.bfloat16()).float())
 
 
-def test_big_models_skip_the_bf16_copies(tmp_path, monkeypatch):
+def test_big_models_skip_the_bf16_copies_and_the_tiles(tmp_path, monkeypatch):
     import psutil
 
     make_tiny("llama-untied", tmp_path)
     real = psutil.virtual_memory()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=1024))
     loaded = load_model(str(tmp_path), quant="int4")
-    assert all(m.dense_copy is None for m in loaded.model.modules() if isinstance(m, PackableWeight))
+    layers = [m for m in loaded.model.modules() if isinstance(m, PackableWeight)]
+    assert all(m.dense_copy is None and getattr(m.packed, "tiles", None) is None for m in layers)
+    monkeypatch.undo()
+    if kernels.load() and amx_tiles():  # with room, this machine's layers carry tile records
+        loaded = load_model(str(tmp_path), quant="int4")
+        layers = [m for m in loaded.model.modules() if isinstance(m, PackableWeight)]
+        assert all(getattr(m.packed, "tiles", None) is not None for m in layers)
 
 
 def test_int4_falls_back_to_int8_for_a_width_it_cannot_group():

@@ -120,7 +120,11 @@ def test_q4_keeps_q4_1_codes_scales_and_mins_exactly():
 
 
 def test_the_native_kernels_need_avx2_and_the_library():
-    assert choose("int4", "cpu", SPR, True, native=True) == QuantSpec("int4", "q4native", "q8native", NATIVE_DENSE_ROWS)
+    assert choose("int4", "cpu", SPR, True, native=True) == QuantSpec(
+        "int4", "q4native", "q8native", NATIVE_DENSE_ROWS, tiles=True
+    )
+    no_amx_int8 = choose("int4", "cpu", SPR - {"amx_int8"}, True, native=True)
+    assert no_amx_int8 == QuantSpec("int4", "q4native", "q8native", NATIVE_DENSE_ROWS)
     assert choose("int8", "cpu", ZEN4_VNNI, True, native=True) == QuantSpec("int8", "q8native", "q8native")
     assert choose("int4", "cpu", ZEN3, True, native=True) == QuantSpec("int4", "q4native", "q8native")  # AVX2
     assert choose("int4", "cpu", SPR, True, native=False).kernel == "int4pack"  # library not built

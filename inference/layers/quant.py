@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gemm import dense
-from .quant_native import INT4_GROUP, NativeCall, Q4Native, Q8Native, int4_blocks, row_int8, row_scales
+from .quant_native import INT4_GROUP, NativeCall, Q4Native, Q8Native, amx_tiles, int4_blocks, row_int8, row_scales
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,10 @@ class QuantSpec:
     # 1 row int4 76 us, bf16 196; 4 rows 140 vs 146; 8 rows 276 vs 185; 16 rows 543 vs 202;
     # 256 rows 8.2 ms vs 1.3). Costs the bf16 copy's memory.
     dense_rows: int | None = None
+    # Our kernels' weights also carry AMX tile records (quant_native.tile_records), which
+    # batches of 4 rows and more multiply (csrc/quant_amx.cpp). Costs ~0.6 byte a 4-bit weight,
+    # 1 byte an 8-bit one.
+    tiles: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("int8", "int4") or self.kernel not in KERNELS or self.head_kernel not in KERNELS:
@@ -122,7 +126,8 @@ def choose(
     amx = "amx_bf16" in flags
     if native and (vnni(flags) or avx2(flags)):
         dense = NATIVE_DENSE_ROWS if amx else None
-        return QuantSpec(kind, "q4native" if kind == "int4" else "q8native", "q8native", dense)
+        tiles = "amx_int8" in flags
+        return QuantSpec(kind, "q4native" if kind == "int4" else "q8native", "q8native", dense, tiles)
     dense_rows = AMX_DENSE_ROWS if amx else None
     if native_bf16(flags):
         return QuantSpec(kind, "int4pack" if kind == "int4" else "int8pack", "int8pack", dense_rows)
@@ -140,7 +145,8 @@ def describe(spec: QuantSpec | None) -> str:
     else:
         why = "native bf16" if native_bf16(flags) else "no native bf16"
     dense = f", bf16 copy from {spec.dense_rows} rows" if spec.dense_rows else ""
-    return f"{spec.kind} weights, {spec.kernel} kernel, LM head {spec.head_kernel}{dense} ({why})"
+    tiles = ", AMX tiles from 4 rows" if spec.tiles and amx_tiles() else ""
+    return f"{spec.kind} weights, {spec.kernel} kernel, LM head {spec.head_kernel}{tiles}{dense} ({why})"
 
 
 class Int8Pack(nn.Module):
@@ -216,12 +222,13 @@ class FbgemmInt8(nn.Module):
 class PackableWeight:
     """Mixin of the layers that can hold their `weight` packed: call `init_packing` in
     __init__; the loader calls `process_weights_after_loading` once every tensor is in, which
-    packs the weight (plus a bf16 copy where the spec asks) and drops the float one;
-    `matmul(x)` is x @ W.T either way."""
+    packs the weight (plus a bf16 copy and tile records where the spec asks) and drops the
+    float one; `matmul(x)` is x @ W.T either way."""
 
     weight: Any  # the float nn.Parameter until packed, then None
     kernel: str | None
     dense_rows: int | None
+    tiles: bool
     packed: nn.Module | None
     dense_copy: torch.Tensor | None
     native_call: NativeCall | None
@@ -229,6 +236,7 @@ class PackableWeight:
     def init_packing(self, quant: QuantSpec | None, head: bool = False) -> None:
         self.kernel = None if quant is None else quant.head_kernel if head else quant.kernel
         self.dense_rows = None if quant is None else quant.dense_rows
+        self.tiles = quant is not None and quant.tiles
         self.packed = None
         self.dense_copy = None
         self.native_call = None
@@ -236,7 +244,7 @@ class PackableWeight:
     def process_weights_after_loading(self) -> None:
         if self.kernel is None or self.weight is None:
             return
-        self.packed = pack(self.weight.data, self.kernel)
+        self.packed = pack(self.weight.data, self.kernel, self.tiles)
         # Our compiled kernels are called straight from `matmul`: a decode step runs ~120
         # matmuls, and the packed module's call and its buffer lookups cost more than a small one.
         native = getattr(self.packed, "native", None)
@@ -257,9 +265,10 @@ class PackableWeight:
         return dense(x, self.weight)
 
 
-def pack(weight: torch.Tensor, kernel: str) -> nn.Module:
+def pack(weight: torch.Tensor, kernel: str, tiles: bool = False) -> nn.Module:
     """`weight` [out, in] packed for `kernel`; int4 falls back to int8 for a shape it cannot
-    tile (e.g. a tensor-parallel shard whose input columns are not a multiple of 32)."""
+    tile (e.g. a tensor-parallel shard whose input columns are not a multiple of 32). `tiles`:
+    our kernels' weights also get AMX tile records, where this CPU can use them."""
     if kernel == "int4pack":
         # The kernel packs 16 output rows at a time and groups 32 input columns.
         if weight.shape[1] % INT4_GROUP == 0 and weight.shape[0] % 16 == 0:
@@ -268,11 +277,11 @@ def pack(weight: torch.Tensor, kernel: str) -> nn.Module:
         return Int8Pack(weight)
     if kernel == "q4native":
         if weight.shape[1] % INT4_GROUP == 0:
-            return Q4Native(weight)
+            return Q4Native(weight, tiles)
         log.debug("int4: a %s weight does not group by %d; int8 for this layer", tuple(weight.shape), INT4_GROUP)
-        return Q8Native(weight)
+        return Q8Native(weight, tiles)
     if kernel == "q8native":
-        return Q8Native(weight)
+        return Q8Native(weight, tiles)
     if kernel == "int8pack":
         return Int8Pack(weight)
     if kernel == "fbgemm":

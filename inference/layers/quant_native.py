@@ -74,14 +74,15 @@ def _native_or_dequantized(p: Q4Native | Q8Native, x: torch.Tensor) -> torch.Ten
 class Q4Native(nn.Module):
     """4-bit weights in llama.cpp's Q4_1 blocks (32 codes, a float16 scale and min) for our
     kernel, `torch.ops.ringllm.q4_linear` (layout in csrc/quant_ops.cpp): activations are
-    rounded to int8 per block of 32 and multiplied in integers, as llama.cpp does."""
+    rounded to int8 per block of 32 and multiplied in integers, as llama.cpp does. `tiles`:
+    also keep the codes as AMX tile records, where the CPU can use them, for batches."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     mins: torch.Tensor
     tiles: torch.Tensor | None
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, tiles: bool = True):
         super().__init__()
         out_f, in_f = weight.shape
         w, lo, hi = int4_blocks(weight)
@@ -95,8 +96,8 @@ class Q4Native(nn.Module):
         self.register_buffer("mins", mins.t().contiguous())  # [blocks, out]: the kernel sums 16 rows at once
         self.shape = (out_f, in_f)
         # Batches on AMX multiply a second copy of the codes, laid out as tiles (+0.6 byte a weight).
-        tiles = tile_records(codes.reshape(out_f, in_f), self.scales) if amx_tiles() else None
-        self.register_buffer("tiles", tiles, persistent=False)  # counted as memory, never saved
+        records = tile_records(codes.reshape(out_f, in_f), self.scales) if tiles and amx_tiles() else None
+        self.register_buffer("tiles", records, persistent=False)  # counted as memory, never saved
 
     def dequantized(self) -> torch.Tensor:
         c = self.codes.reshape(self.shape[0], -1, 16)
@@ -115,20 +116,21 @@ class Q4Native(nn.Module):
 
 class Q8Native(nn.Module):
     """Symmetric per-row int8 weights for our kernel, `torch.ops.ringllm.q8_linear`, stored
-    as code + 128 (VNNI multiplies unsigned by signed bytes; the activations keep the sign)."""
+    as code + 128 (VNNI multiplies unsigned by signed bytes; the activations keep the sign).
+    `tiles` as for Q4Native."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     tiles: torch.Tensor | None
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, tiles: bool = True):
         super().__init__()
         codes, scale = row_int8(weight)
         self.register_buffer("codes", (codes.to(torch.int16) + 128).to(torch.uint8))
         self.register_buffer("scale", scale.contiguous())
         self.shape = tuple(weight.shape)
-        tiles = tile_records(self.codes) if amx_tiles() else None  # for batches on AMX, in the same bytes
-        self.register_buffer("tiles", tiles, persistent=False)
+        records = tile_records(self.codes) if tiles and amx_tiles() else None  # batches on AMX: as many bytes again
+        self.register_buffer("tiles", records, persistent=False)
 
     def dequantized(self) -> torch.Tensor:
         return (self.codes.float() - 128) * self.scale[:, None]
