@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "prefetch.h"
 #include "reduce16.h"
 
 #include <algorithm>
@@ -36,6 +37,7 @@
 namespace {
 
 using at::Tensor;
+using ringllm::prefetch;
 #if defined(__AVX512F__)
 using ringllm::reduce16;
 #endif
@@ -276,10 +278,6 @@ void rope_kv(Tensor qkv, const Tensor& cos_sin, Tensor k_cache, Tensor v_cache, 
 // and value row `kAhead` tokens ahead by hand (16 streams x 130 tokens, 30 layers of the
 // default model's shape: 26-27 ms a step without, 15-21 with).
 constexpr int64_t kAhead = 16;
-
-ALWAYS_INLINE void prefetch(const void* row, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(row) + off);
-}
 
 // x = softmax(x) in place, as separate loops over 16 lanes: a running max or sum in one
 // scalar is a chain the compiler may not reorder, which kept the whole loop (exp included)

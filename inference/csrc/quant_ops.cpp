@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "prefetch.h"
 #include "quant_amx.h"
 #include "quant_rows.h"
 #include "reduce16.h"
@@ -52,6 +53,7 @@ namespace {
 
 using at::Tensor;
 using ringllm::kBlock;
+using ringllm::prefetch;
 using ringllm::quantize_blocks;
 #if defined(__AVX512F__)
 using ringllm::reduce16;
@@ -176,10 +178,6 @@ void q8_rows_portable(const QuantizedRows& a, int64_t a0, const uint8_t* codes, 
 // the hint each matmul's first rows and every new page wait on memory.
 constexpr int64_t kAhead = 32;
 
-ALWAYS_INLINE void prefetch_row(const uint8_t* p, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
-}
-
 // The scales of up to 4 blocks, lane l holding block l / 4's (a dot's lanes, 4 per block).
 ALWAYS_INLINE __m512 spread4(const c10::Half* p, __mmask8 blocks) {
   const __m128 four = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, p));
@@ -210,8 +208,8 @@ void q4_rows(const QuantizedRows& a, int64_t a0, const uint8_t* codes, const c10
       const uint8_t* w = codes + (g + r) * (k / 2);
       const c10::Half* d = scales + (g + r) * blocks;
       if (g + r + kAhead < end) {
-        prefetch_row(w + kAhead * (k / 2), k / 2);
-        prefetch_row(reinterpret_cast<const uint8_t*>(d + kAhead * blocks), blocks * 2);
+        prefetch(w + kAhead * (k / 2), k / 2);
+        prefetch(reinterpret_cast<const uint8_t*>(d + kAhead * blocks), blocks * 2);
       }
       __m512 acc[MT];
       for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
@@ -258,7 +256,7 @@ void q8_rows(const QuantizedRows& a, int64_t a0, const uint8_t* codes, const flo
   for (; g + 16 <= end; g += 16) {
     for (int r = 0; r < 16; ++r) {
       const uint8_t* w = codes + (g + r) * k;
-      if (g + r + kAhead < end) prefetch_row(w + kAhead * k, k);
+      if (g + r + kAhead < end) prefetch(w + kAhead * k, k);
       __m512 acc[MT];
       for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
       auto chunk = [&](int64_t c, __m512i v) {
@@ -284,10 +282,6 @@ void q8_rows(const QuantizedRows& a, int64_t a0, const uint8_t* codes, const flo
 // multiplied by vpmaddubsw (unsigned x signed into 16-bit pairs) then summed into 32 bits.
 
 constexpr int64_t kAhead = 32;  // rows fetched ahead, as in the AVX-512 path
-
-ALWAYS_INLINE void prefetch_row(const uint8_t* p, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
-}
 
 // Lane r of the result: the sum of v[r]'s 8 lanes.
 ALWAYS_INLINE __m256 reduce8(const float (*v)[8]) {
@@ -330,7 +324,7 @@ void q4_rows(const QuantizedRows& a, int64_t a0, const uint8_t* codes, const c10
     for (int r = 0; r < 16; ++r) {
       const uint8_t* w = codes + (g + r) * (k / 2);
       const c10::Half* d = scales + (g + r) * blocks;
-      if (g + r + kAhead < end) prefetch_row(w + kAhead * (k / 2), k / 2);
+      if (g + r + kAhead < end) prefetch(w + kAhead * (k / 2), k / 2);
       __m256 acc[MT];
       for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
       for (int64_t b = 0; b < blocks; b += 2) {  // blocks b, b + 1: half of a 4-block chunk
@@ -374,7 +368,7 @@ void q8_rows(const QuantizedRows& a, int64_t a0, const uint8_t* codes, const flo
   for (; g + 16 <= end; g += 16) {
     for (int r = 0; r < 16; ++r) {
       const uint8_t* w = codes + (g + r) * k;
-      if (g + r + kAhead < end) prefetch_row(w + kAhead * k, k);
+      if (g + r + kAhead < end) prefetch(w + kAhead * k, k);
       __m256 acc[MT];
       for (int t = 0; t < MT; ++t) acc[t] = _mm256_setzero_ps();
       for (int64_t b = 0; b < blocks; ++b) {
