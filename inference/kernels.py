@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # decode_layer.cpp calls).
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("cpu_ops.cpp", "quant_ops.cpp", "quant_amx.cpp", "decode_layer.cpp")
+    for name in ("cpu_ops.cpp", "quant_ops.cpp", "quant_amx.cpp", "quant_amx_bf16.cpp", "decode_layer.cpp")
 ]
 LIB_NAME = "ringllm_cpu_ops"
 # -ffp-contract=off: no fused multiply-adds, so float32 RoPE and residual adds round exactly

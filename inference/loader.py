@@ -158,9 +158,9 @@ def load_model(
     load_weights(model, path, rng)
     if spec is not None:
         packable = [m for m in model.modules() if isinstance(m, PackableWeight)]
-        # The AMX tile records (batches) and the bf16 copies (prompts) speed things up at a cost
-        # in memory: each is kept only while it takes at most a quarter of what is free now
-        # (small models; big ones stay lean).
+        # The AMX tile records (batches and prompts) and, on bf16 CPUs without them, the bf16
+        # copies (prompts) speed things up at a cost in memory: each is kept only while it
+        # takes at most a quarter of what is free now (small models; big ones stay lean).
         tile_bytes = 0.625 if kind == "int4" else 1.0  # q4: 320-byte records a 512 weights
         if spec.tiles and not _room_for(packable, tile_bytes):
             spec = dataclasses.replace(spec, tiles=False)

@@ -120,9 +120,8 @@ def test_q4_keeps_q4_1_codes_scales_and_mins_exactly():
 
 
 def test_the_native_kernels_need_avx2_and_the_library():
-    assert choose("int4", "cpu", SPR, True, native=True) == QuantSpec(
-        "int4", "q4native", "q8native", NATIVE_DENSE_ROWS, tiles=True
-    )
+    # AMX: the tiles take prompts too (csrc/quant_amx_bf16.cpp), so no bf16 copy.
+    assert choose("int4", "cpu", SPR, True, native=True) == QuantSpec("int4", "q4native", "q8native", tiles=True)
     no_amx_int8 = choose("int4", "cpu", SPR - {"amx_int8"}, True, native=True)
     assert no_amx_int8 == QuantSpec("int4", "q4native", "q8native", NATIVE_DENSE_ROWS)
     assert choose("int8", "cpu", ZEN4_VNNI, True, native=True) == QuantSpec("int8", "q8native", "q8native")
@@ -153,11 +152,11 @@ AMX_TILES = kernels.loaded() and amx_tiles()
 
 @pytest.mark.skipif(not AMX_TILES, reason="no AMX-INT8 here (or RINGLLM_AMX=off)")
 @pytest.mark.parametrize("cls", [Q4Native, Q8Native])
-@pytest.mark.parametrize("rows", [4, 16, 17, 40])
+@pytest.mark.parametrize("rows", [4, 16, 17, 23])
 def test_batches_on_amx_tiles_match_one_row_at_a_time(cls, rows):
-    # From 4 rows the kernels multiply the weight's tile copy (csrc/quant_amx.cpp); one row at
-    # a time they read the codes with VNNI. Same rounding of the activations: only the order
-    # of the float sums may differ. 2560 columns: 80 blocks (an even count), 96: 3 (odd).
+    # From 4 to 23 rows the kernels multiply the weight's tile copy (csrc/quant_amx.cpp); one
+    # row at a time they read the codes with VNNI. Same rounding of the activations: only the
+    # order of the float sums may differ. 2560 columns: 80 blocks (an even count), 96: 3 (odd).
     torch.manual_seed(rows)
     for shape in ((80, 2560), (1600, 96)):
         p = cls(torch.randn(*shape) * 0.05)
@@ -167,6 +166,25 @@ def test_batches_on_amx_tiles_match_one_row_at_a_time(cls, rows):
             one_by_one = torch.cat([p(xs[i : i + 1]) for i in range(rows)]).float()
             assert_matches(p(xs), one_by_one, dtype)
     assert cls(torch.randn(40, 96)).tiles is None  # 40 rows: not whole tiles; VNNI serves it
+
+
+@pytest.mark.skipif(not AMX_TILES, reason="no AMX here (or RINGLLM_AMX=off)")
+@pytest.mark.parametrize("cls", [Q4Native, Q8Native])
+@pytest.mark.parametrize("rows", [24, 40, 97, 300])
+def test_prompts_on_amx_tiles_multiply_bf16_weights(cls, rows):
+    # From 24 rows the tiles multiply bf16 activations by the weights dequantized to bf16
+    # (csrc/quant_amx_bf16.cpp): what a bf16 copy of the weights gave, with float32 sums.
+    # (int8-rounded activations are off by ~1% of the output here.) 97 rows: an 80-row pass
+    # and a 17-row one; 300: torch's bf16 matmul on the dequantized weight (bf16 output).
+    torch.manual_seed(rows)
+    for shape in ((80, 2560), (1600, 96)):
+        p = cls(torch.randn(*shape) * 0.05)
+        x = torch.randn(rows, shape[1])
+        want = x.bfloat16().float() @ p.dequantized().bfloat16().float().T
+        for xs, dtype in ((x, torch.float32), (x.bfloat16(), torch.bfloat16)):
+            got = p(xs)
+            assert got.dtype == dtype
+            assert_matches(got, want, dtype if rows < 256 else torch.bfloat16)
 
 
 def test_a_layer_calls_the_kernel_straight_from_matmul():

@@ -24,12 +24,11 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "quant_rows.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__linux__)
-#define RINGLLM_AMX 1
+#if defined(RINGLLM_AMX)
 #include <cpuid.h>
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -39,6 +38,13 @@ namespace {
 
 // Below this many rows the VNNI kernels win: a tile always multiplies 16 rows.
 constexpr int64_t kMinRows = 4;
+// From this many rows on the bf16 products (quant_amx_bf16.cpp) take over: their cost is
+// dequantizing each weight tile once per 96 rows, where these scale every 16 rows' products
+// block by block (the default model's 30 layers, 2 cores: 24 rows 13 ms against 15-18, 89
+// rows 28-31 against 44-48). Below it the two cost about the same, and these round the
+// activations as the one-row VNNI kernels do, so a sequence gets the same answer alone or
+// in a small batch.
+constexpr int64_t kDenseRows = 24;
 
 bool env_off() {
   const char* v = std::getenv("RINGLLM_AMX");
@@ -46,23 +52,12 @@ bool env_off() {
 }
 
 #if defined(RINGLLM_AMX)
-#define ALWAYS_INLINE inline __attribute__((always_inline))
-
-constexpr int64_t kTileRows = 16;      // activation rows per A and C tile
-constexpr int64_t kTileBytes = 512;    // one B tile: 8 rows x 64 bytes (a block of 32 columns, 16 weight rows)
-
 bool os_grants_tiles() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
   constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // Linux: ask for the tile state once per process
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Two sets (tile_product): A tiles 0, 1 (16 activation rows x 32 int8), C tiles 2, 3
 // (int32 16 x 16), B tiles 4, 5 (a block's codes, 8 rows x 64 bytes).
@@ -76,10 +71,7 @@ void load_tile_config() {
     }
     return cfg;
   }();
-  // GCC's _tile_loadconfig tells the compiler it reads 8 bytes only: the barrier keeps every
-  // store to the config before it.
-  asm volatile("" ::: "memory");
-  _tile_loadconfig(&config);
+  load_config(config);
 }
 
 // The activations of one call: int8 [rows rounded up to 16, k] (zero past the last row),
@@ -203,6 +195,7 @@ ALWAYS_INLINE void by_rows(int64_t live, Fn fn) {
   else if (live > 4) fn(std::integral_constant<int, 8>{});
   else fn(std::integral_constant<int, 4>{});
 }
+
 #endif
 
 }  // namespace
@@ -226,6 +219,7 @@ bool usable(int64_t m, int64_t n, int64_t k) {
 
 #if defined(RINGLLM_AMX)
 void q4_linear(const at::Tensor& x, const uint8_t* tiles, const c10::Half* mins, int64_t n, float* y) {
+  if (x.size(0) >= kDenseRows) return q4_dense(x, tiles, mins, n, y);
   const Rows a = quantize_any(x, false);
   const int64_t blocks = a.blocks, record = record_bytes(true);
   for_groups(a, n, [&](int64_t g, int64_t m0, int64_t live) {
@@ -252,6 +246,7 @@ void q4_linear(const at::Tensor& x, const uint8_t* tiles, const c10::Half* mins,
 }
 
 void q8_linear(const at::Tensor& x, const uint8_t* tiles, const float* scale, int64_t n, float* y) {
+  if (x.size(0) >= kDenseRows) return q8_dense(x, tiles, scale, n, y);
   const Rows a = quantize_any(x, true);
   const int64_t blocks = a.blocks, record = record_bytes(false);
   for_groups(a, n, [&](int64_t g, int64_t m0, int64_t live) {

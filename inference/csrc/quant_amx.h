@@ -1,5 +1,7 @@
-// The quantized matmuls on AMX tiles (quant_amx.cpp), for batches: quant_ops.cpp's kernels
-// hand a call over when the weight has tile records and `usable` says so.
+// The quantized matmuls on AMX tiles, for batches: quant_ops.cpp's kernels hand a call over
+// when the weight has tile records and `usable` says so. Up to 23 rows quant_amx.cpp
+// multiplies int8 activations by the codes; from 24 rows (prompts) quant_amx_bf16.cpp
+// multiplies bf16 activations by weights dequantized to bf16.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,7 +10,7 @@
 
 namespace ringllm::amx {
 
-// Compiled for AMX-INT8, the CPU has it, the OS lets this process use tile data, and
+// Compiled for AMX-INT8 and AMX-BF16, the CPU has them, the OS lets this process use tile data, and
 // RINGLLM_AMX is not "off".
 bool ready();
 
@@ -23,5 +25,17 @@ int64_t record_bytes(bool q4);
 // W as tile records (and for q4 the mins [k / 32, n] of quant_ops.cpp's format).
 void q4_linear(const at::Tensor& x, const uint8_t* tiles, const c10::Half* mins, int64_t n, float* y);
 void q8_linear(const at::Tensor& x, const uint8_t* tiles, const float* scale, int64_t n, float* y);
+
+// The same with x rounded to bf16 and W dequantized to bf16 tile by tile (quant_amx_bf16.cpp).
+void q4_dense(const at::Tensor& x, const uint8_t* tiles, const c10::Half* mins, int64_t n, float* y);
+void q8_dense(const at::Tensor& x, const uint8_t* tiles, const float* scale, int64_t n, float* y);
+
+// From this many rows on a bf16 matmul by torch (oneDNN's AMX kernels) beats q4_dense /
+// q8_dense, even counting the weight's dequantization for each call (the default model's 30
+// layers, 2 cores: 512 rows 99 ms against 128, 89 rows 35 against 27).
+constexpr int64_t kLongRows = 256;
+// W as bf16 [n, k] from quant_ops.cpp's row-major codes, for those calls.
+at::Tensor q4_weight_bf16(const uint8_t* codes, const c10::Half* scales, const c10::Half* mins, int64_t n, int64_t k);
+at::Tensor q8_weight_bf16(const uint8_t* codes, const float* scale, int64_t n, int64_t k);
 
 }  // namespace ringllm::amx

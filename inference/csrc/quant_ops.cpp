@@ -453,12 +453,15 @@ Tensor q4_linear(const Tensor& x_, const Tensor& codes, const Tensor& scales, co
               "q4 mins: float16 [K/32, N]");
   const Tensor x = check_input(x_, k);
   const int64_t m = x.size(0);
-  Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  float* out = y.mutable_data_ptr<float>();
   const uint8_t* w = codes.const_data_ptr<uint8_t>();
   const c10::Half* d = scales.const_data_ptr<c10::Half>();
   const c10::Half* mn = mins.const_data_ptr<c10::Half>();
-  if (has_tiles(tiles, n, k, true) && ringllm::amx::usable(m, n, k)) {
+  const bool amx = has_tiles(tiles, n, k, true) && ringllm::amx::usable(m, n, k);
+  if (amx && m >= ringllm::amx::kLongRows)
+    return at::linear(x.to(at::kBFloat16), ringllm::amx::q4_weight_bf16(w, d, mn, n, k)).to(x.scalar_type());
+  Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  float* out = y.mutable_data_ptr<float>();
+  if (amx) {
     ringllm::amx::q4_linear(x, tiles->const_data_ptr<uint8_t>(), mn, n, out);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
@@ -476,11 +479,14 @@ Tensor q8_linear(const Tensor& x_, const Tensor& codes, const Tensor& scale, con
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n, "q8 scale: float32 [N]");
   const Tensor x = check_input(x_, k);
   const int64_t m = x.size(0);
-  Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  float* out = y.mutable_data_ptr<float>();
   const uint8_t* w = codes.const_data_ptr<uint8_t>();
   const float* s = scale.const_data_ptr<float>();
-  if (has_tiles(tiles, n, k, false) && ringllm::amx::usable(m, n, k)) {
+  const bool amx = has_tiles(tiles, n, k, false) && ringllm::amx::usable(m, n, k);
+  if (amx && m >= ringllm::amx::kLongRows)
+    return at::linear(x.to(at::kBFloat16), ringllm::amx::q8_weight_bf16(w, s, n, k)).to(x.scalar_type());
+  Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  float* out = y.mutable_data_ptr<float>();
+  if (amx) {
     ringllm::amx::q8_linear(x, tiles->const_data_ptr<uint8_t>(), s, n, out);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }

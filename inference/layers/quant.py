@@ -52,10 +52,10 @@ AMX_DENSE_ROWS = 6
 # step (the default model, 2 cores, AMX) they stay ahead up to ~16 rows (16 sequences: 423-473
 # tok/s against 392-403), even at 32, and behind from 48 (366-460 against 481-537).
 NATIVE_DENSE_ROWS = 24
-# (With AMX-INT8 our kernels multiply 4 rows and more on tiles, csrc/quant_amx.cpp: 16 rows of
-# the 30 layers in 16 ms where the bf16 copy took 34, 24 rows in 22 against 41. The copy keeps
-# prompts, though: their activations rounded to int8 changed the int4 default model's
-# greedy answer to "What is the capital of France?".)
+# (With AMX our kernels need no copy: tiles take 4 rows and more, csrc/quant_amx.cpp, and from
+# 24 rows multiply bf16 activations by weights dequantized to bf16 as the copy would hold
+# them, csrc/quant_amx_bf16.cpp. The default model's 30 layers, 2 cores: 16 rows 10-12 ms
+# where the copy took 23-29, 89 rows 28-31 against 37-43.)
 
 
 @functools.cache
@@ -102,8 +102,8 @@ class QuantSpec:
     # 256 rows 8.2 ms vs 1.3). Costs the bf16 copy's memory.
     dense_rows: int | None = None
     # Our kernels' weights also carry AMX tile records (quant_native.tile_records), which
-    # batches of 4 rows and more multiply (csrc/quant_amx.cpp). Costs ~0.6 byte a 4-bit weight,
-    # 1 byte an 8-bit one.
+    # batches of 4 rows and more multiply (csrc/quant_amx.cpp; prompts csrc/quant_amx_bf16.cpp).
+    # Costs ~0.6 byte a 4-bit weight, 1 byte an 8-bit one, and replaces the bf16 copy.
     tiles: bool = False
 
     def __post_init__(self) -> None:
@@ -125,8 +125,8 @@ def choose(
     fbgemm = has_fbgemm() if fbgemm is None else fbgemm
     amx = "amx_bf16" in flags
     if native and (vnni(flags) or avx2(flags)):
-        dense = NATIVE_DENSE_ROWS if amx else None
-        tiles = "amx_int8" in flags
+        tiles = {"amx_int8", "amx_bf16", "avx512_bf16"} <= flags  # the tiles take prompts too: no copy
+        dense = NATIVE_DENSE_ROWS if amx and not tiles else None
         return QuantSpec(kind, "q4native" if kind == "int4" else "q8native", "q8native", dense, tiles)
     dense_rows = AMX_DENSE_ROWS if amx else None
     if native_bf16(flags):
@@ -145,7 +145,7 @@ def describe(spec: QuantSpec | None) -> str:
     else:
         why = "native bf16" if native_bf16(flags) else "no native bf16"
     dense = f", bf16 copy from {spec.dense_rows} rows" if spec.dense_rows else ""
-    tiles = ", AMX tiles from 4 rows" if spec.tiles and amx_tiles() else ""
+    tiles = ", AMX tiles from 4 rows (bf16 from 24)" if spec.tiles and amx_tiles() else ""
     return f"{spec.kind} weights, {spec.kernel} kernel, LM head {spec.head_kernel}{tiles}{dense} ({why})"
 
 

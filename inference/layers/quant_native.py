@@ -42,7 +42,7 @@ NativeCall = tuple[Any, tuple[torch.Tensor, ...]]
 
 def amx_tiles() -> bool:
     """Whether weights should carry AMX tile records (csrc/quant_amx.cpp): the library is
-    loaded and the CPU and OS let it use AMX-INT8 (RINGLLM_AMX=off says no)."""
+    loaded and the CPU and OS let it use AMX-INT8 and AMX-BF16 (RINGLLM_AMX=off says no)."""
     return kernels.loaded() and bool(torch.ops.ringllm.amx_ready())
 
 
