@@ -38,7 +38,14 @@ log = logging.getLogger(__name__)
 # decode_layer.cpp calls).
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("cpu_ops.cpp", "quant_ops.cpp", "quant_amx.cpp", "quant_amx_bf16.cpp", "decode_layer.cpp")
+    for name in (
+        "cpu_ops.cpp",
+        "quant_ops.cpp",
+        "quant_amx.cpp",
+        "quant_amx_bf16.cpp",
+        "decode_layer.cpp",
+        "argmax.cpp",
+    )
 ]
 LIB_NAME = "ringllm_cpu_ops"
 # -ffp-contract=off: no fused multiply-adds, so float32 RoPE and residual adds round exactly
@@ -146,6 +153,13 @@ def torch_ops_only():
 
 def _native(x: torch.Tensor) -> bool:
     return available() and x.device.type == "cpu"
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) of float32 rows [rows, vocab] (greedy sampling's hot path)."""
+    if _native(logits) and logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[1] > 0:
+        return torch.ops.ringllm.argmax(logits)
+    return logits.argmax(dim=-1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .config import SamplingParams
 from .grammar import GrammarMatcher, masked_rows
 
@@ -250,7 +251,7 @@ class Sampler:
         constrained = [i for i, s in enumerate(states) if s.grammar is not None]
         if all(greedy) and not want_logprobs and not penalties:
             # Hot path for benchmarks: argmax is exact in any float dtype.
-            token_ids: list[int] = logits.argmax(dim=-1).tolist()
+            token_ids: list[int] = kernels.argmax(logits).tolist()
             if constrained:
                 rows = masked_rows(logits, constrained, [g for s in states if (g := s.grammar) is not None])
                 for i, t in zip(constrained, rows.argmax(dim=-1).tolist()):
@@ -264,7 +265,7 @@ class Sampler:
         if constrained:
             masked = masked_rows(processed, constrained, [g for s in states if (g := s.grammar) is not None])
         where = {row: j for j, row in enumerate(constrained)}
-        token_ids = processed.argmax(dim=-1).tolist() if any(greedy) else [0] * len(states)
+        token_ids = kernels.argmax(processed).tolist() if any(greedy) else [0] * len(states)
         if masked is not None:
             for i, t in zip(constrained, masked.argmax(dim=-1).tolist()):
                 if greedy[i]:

@@ -35,6 +35,25 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
     torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("rows", [1, 17])
+@pytest.mark.parametrize("vocab", [5, 49153])
+def test_argmax_is_torchs_ties_nans_and_infinities_included(rows, vocab):
+    torch.manual_seed(vocab + rows)
+    x = torch.randn(rows, vocab)
+    x[0, vocab // 3] = x[0, -1] = 9.0  # a tie: the first index wins, as in torch
+    if rows > 1:
+        x[1] = float("-inf")  # all -inf: index 0
+        x[2, vocab // 2] = x[2, -1] = float("nan")  # a NaN wins; the first one
+        x[3, -1] = float("inf")  # in the tail past the last 16 columns
+    x[-1, 0] = 50.0
+    got = torch.ops.ringllm.argmax(x)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, x.argmax(dim=-1))
+    assert torch.equal(kernels.argmax(x[:, ::2]), x[:, ::2].argmax(dim=-1))  # not contiguous
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.ringllm.argmax(x.double())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 300])
 def test_norms(dtype, rows):
