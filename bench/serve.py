@@ -32,6 +32,7 @@ import platform
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,13 +168,14 @@ async def one_request(client, args, prompt: str, max_tokens: int) -> RequestResu
     return r
 
 
-async def run_level(client, args, reps: int, conc: int, n: int) -> dict:
+async def run_level(client, args, reps: int, conc: int, n: int, tag: str = "") -> dict:
+    """`tag`: put before each prompt's own tag (rounds after the first: no prompt repeats)."""
     todo = iter(range(n))  # shared by the workers: next() never yields, so no lock is needed
     results: list[RequestResult] = []
 
     async def worker() -> None:
         for i in todo:
-            results.append(await one_request(client, args, make_prompt(reps, f"c{conc}-{i}"), args.max_tokens))
+            results.append(await one_request(client, args, make_prompt(reps, f"{tag}c{conc}-{i}"), args.max_tokens))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(min(conc, n))))
@@ -322,6 +324,30 @@ class ManagedServer:
             os.unlink(self.log.name)
 
 
+def level_medians(levels: list[dict]) -> list[dict]:
+    """Per concurrency, the medians over rounds: a shared machine's slow minutes hit every
+    level of a round alike, so the speedups are taken round by round."""
+
+    def med(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
+    out = []
+    for conc in dict.fromkeys(lv["concurrency"] for lv in levels):
+        mine = [lv for lv in levels if lv["concurrency"] == conc]
+        speedups = [lv["speedup"] for lv in mine if lv["speedup"] is not None]
+        out.append(
+            dict(
+                concurrency=conc,
+                rounds=len(mine),
+                agg_tok_s=med([lv["agg_tok_s"] for lv in mine if lv["agg_tok_s"] is not None]),
+                itl_p50_ms=med([lv["itl_ms"]["p50"] for lv in mine if lv["itl_ms"]["p50"] is not None]),
+                speedup=med(speedups),
+                speedups=speedups,
+            )
+        )
+    return out
+
+
 def print_table(levels: list[dict], alone_ms: float | None, load_ms: float | None, prompt: dict) -> None:
     def f(x: float | None, spec: str = ".1f") -> str:
         return "-" if x is None else format(x, spec)
@@ -362,14 +388,17 @@ async def bench(args, result: dict) -> None:
         if not alone.ok:
             raise BenchError(f"the idle-server request failed: {alone.error}")
         result["ttft_alone_ms"] = ms(alone.ttft_s)
-        for conc in args.concurrency:
-            n = args.requests_per_level or max(8, 2 * conc)
-            print(f"C={conc}: {n} requests ...", end="", file=sys.stderr, flush=True)
-            lv = await run_level(client, args, reps, conc, n)
-            print(f" {lv['wall_s']:.1f} s, {lv['failed']} failed", file=sys.stderr)
-            if lv["ok"] == 0 and all(e.startswith("connection error") for e in lv["errors"]):
-                raise BenchError(f"the server stopped answering at C={conc}: {lv['errors'][0]}")
-            result["levels"].append(lv)
+        for rnd in range(1, args.rounds + 1):
+            for conc in args.concurrency:
+                n = args.requests_per_level or max(8, 2 * conc)
+                label = f"round {rnd}, " if args.rounds > 1 else ""
+                print(f"{label}C={conc}: {n} requests ...", end="", file=sys.stderr, flush=True)
+                lv = await run_level(client, args, reps, conc, n, f"r{rnd}-" if rnd > 1 else "")
+                print(f" {lv['wall_s']:.1f} s, {lv['failed']} failed", file=sys.stderr)
+                if lv["ok"] == 0 and all(e.startswith("connection error") for e in lv["errors"]):
+                    raise BenchError(f"the server stopped answering at C={conc}: {lv['errors'][0]}")
+                lv["round"] = rnd
+                result["levels"].append(lv)
         if args.llama_cpp:
             print(f"{args.llama_cpp} pairs with llama.cpp ...", file=sys.stderr, flush=True)
             result["llama_cpp"] = await llama_cpp_pairs(client, args, reps)
@@ -441,6 +470,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[1, 4, 16, 32],
         metavar="C",
         help="requests in flight at a time, one level per value (default: 1 4 16 32)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the levels N times in turn (1 16 1 16 ...) and print each level's medians, its "
+        "speedup taken against the same round's C=1: on a shared, noisy machine (default: 1)",
     )
     ap.add_argument(
         "--requests-per-level",
@@ -524,6 +561,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if any(c <= 0 for c in args.concurrency):
         ap.error("--concurrency values must be positive")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if not args.url.startswith(("http://", "https://")):
         ap.error(f"--url must start with http:// or https://, got {args.url!r}")
     if args.llama_cpp and not (args.start_server and "--model" not in shlex.split(args.server_args)):
@@ -549,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         ignore_eos=args.ignore_eos,
         temperature=args.temperature,
         concurrency=args.concurrency,
+        rounds=args.rounds,
         requests_per_level=args.requests_per_level,
         timeout_s=args.timeout,
         client=dict(python=platform.python_version(), machine=platform.machine(), openai=openai.__version__),
@@ -578,9 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     if not result["levels"]:
         return rc
     levels = result["levels"]
-    base = next((lv["agg_tok_s"] for lv in levels if lv["concurrency"] == 1), None)
-    for lv in levels:
+    for lv in levels:  # against the C=1 level of the same round
+        base = next((b["agg_tok_s"] for b in levels if b["concurrency"] == 1 and b["round"] == lv["round"]), None)
         lv["speedup"] = lv["agg_tok_s"] / base if base and lv["agg_tok_s"] is not None else None
+    result["medians"] = level_medians(levels)
     load = next((lv for lv in levels if lv["concurrency"] == LOAD_LEVEL), None)
     result["ttft_under_load_ms"] = load["ttft_ms"]["p50"] if load else None
     prompt = dict(
@@ -589,6 +630,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     meta.update(prompt_tokens=prompt, incomplete=failed)
     print_table(levels, result["ttft_alone_ms"], result["ttft_under_load_ms"], prompt)
+    if args.rounds > 1:
+        print(f"medians of {args.rounds} rounds (each speedup against its own round's C=1):")
+        for m in result["medians"]:
+            speedup = "-" if m["speedup"] is None else f"{m['speedup']:.2f}x {[round(x, 2) for x in m['speedups']]}"
+            tok_s = "-" if m["agg_tok_s"] is None else f"{m['agg_tok_s']:.1f}"
+            itl = "-" if m["itl_p50_ms"] is None else f"{m['itl_p50_ms']:.2f}"
+            print(f"  C={m['concurrency']}: {tok_s} tok/s, ITL p50 {itl} ms, speedup {speedup}")
     if cpp := result.get("llama_cpp"):
         print(
             f"one stream, {len(cpp['pairs'])} pairs of (our server, llama.cpp {cpp['version']} in this process), "

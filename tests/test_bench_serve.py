@@ -139,6 +139,20 @@ def test_itl_ttft_and_scaling(fake, tmp_path, capsys):
     assert "agg tok/s" in out and "TTFT alone" in out
 
 
+def test_rounds_take_each_speedup_against_their_own_c1(fake, tmp_path, capsys):
+    url = fake(delay=0.01, ttft=0.01)
+    FakeHandler.bodies.clear()
+    res = run_bench(url, tmp_path / "r.json", "--rounds", "2")
+    prompts = [b["messages"][0]["content"] for b in FakeHandler.bodies if b.get("max_tokens", 0) > 1]
+    assert len(prompts) == len(set(prompts))  # no round repeats a prompt a server could have cached
+    assert [(lv["round"], lv["concurrency"]) for lv in res["levels"]] == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    c1, c4 = res["medians"]
+    assert (c1["concurrency"], c1["rounds"], c1["speedup"]) == (1, 2, 1.0)
+    assert c4["speedups"] == [res["levels"][1]["speedup"], res["levels"][3]["speedup"]]
+    assert c4["speedup"] > 2.5 and c4["agg_tok_s"] > c1["agg_tok_s"]
+    assert "medians of 2 rounds" in capsys.readouterr().out
+
+
 def test_ignore_eos_is_asked_for_unless_turned_off(fake, tmp_path):
     url = fake()
     FakeHandler.bodies.clear()
@@ -195,6 +209,7 @@ def test_help_covers_every_flag():
         "--api-key",
         "--model",
         "--concurrency",
+        "--rounds",
         "--requests-per-level",
         "--max-tokens",
         "--prompt-tokens",
