@@ -39,7 +39,7 @@ namespace {
 // Below this many rows the VNNI kernels win: a tile always multiplies 16 rows.
 constexpr int64_t kMinRows = 4;
 // From this many rows on the bf16 products (quant_amx_bf16.cpp) take over: their cost is
-// dequantizing each weight tile once per 96 rows, where these scale every 16 rows' products
+// dequantizing each weight tile once a call, where these scale every 16 rows' products
 // block by block (the default model's 30 layers, 2 cores: 24 rows 13 ms against 15-18, 89
 // rows 28-31 against 44-48). Below it the two cost about the same, and these round the
 // activations as the one-row VNNI kernels do, so a sequence gets the same answer alone or
@@ -195,7 +195,6 @@ ALWAYS_INLINE void by_rows(int64_t live, Fn fn) {
   else if (live > 4) fn(std::integral_constant<int, 8>{});
   else fn(std::integral_constant<int, 4>{});
 }
-
 #endif
 
 }  // namespace

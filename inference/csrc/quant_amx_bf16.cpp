@@ -5,8 +5,8 @@
 // that block's scales (a tile store and 16 vector multiply-adds per 16 rows and block),
 // which made prompts slower there than on a bf16 copy of the weights. Here the scales go into
 // the weights: a tile of 16 weight rows x 32 columns is dequantized once (w = code * scale +
-// min, rounded to bf16 as `weight.to(torch.bfloat16)` rounds it) and multiplied by up to 96
-// activation rows, whose sums stay in C tiles across the whole row. No bf16 copy of the
+// min, rounded to bf16 as `weight.to(torch.bfloat16)` rounds it) once a call, and multiplied
+// by 80 activation rows at a time, whose sums stay in C tiles across the whole row. No bf16 copy of the
 // weights is needed (2 bytes a weight), and prompt activations keep bf16's precision, as
 // they did with the copy (int8-rounded prompts changed the int4 default model's answers).
 
@@ -27,8 +27,9 @@ namespace {
 
 constexpr int64_t kRowTiles = 5;  // C tiles 0..4: 80 activation rows per pass over the weight tiles
 
-// Every tile 16 rows x 64 bytes: C tiles 0..5 (float32 16 x 16), A tile 6 (16 activation
-// rows x 32 bf16), B tile 7 (32 columns of 16 weight rows as bf16 pairs).
+// Every tile 16 rows x 64 bytes: C tiles 0..4 (float32 16 x 16), A tiles 5 and 6 in turn (16
+// activation rows x 32 bf16; two, so a load need not wait for the last product to read its
+// tile), B tile 7 (32 columns of 16 weight rows as bf16 pairs).
 void load_bf16_config() {
   static const TileConfig config = [] {
     TileConfig cfg;
@@ -77,8 +78,8 @@ ALWAYS_INLINE void dequant_tile(const uint8_t* record, __m512 scale, __m512 min,
   }
 }
 
-// C tiles 0 .. tiles_m - 1 (16 activation rows each) += A tile 6 (the rows, in turn) times
-// B tile 7 (the intrinsics take tile numbers as literals).
+// C tile C (activation rows m0 + 16 C ..) += its rows, loaded into A tile A, times B tile 7
+// (the intrinsics take tile numbers as literals).
 #define RINGLLM_PRODUCT(C, A)                         \
   if (tiles_m > C) {                                  \
     _tile_loadd(A, ab + C * blocks * kTileBytes, 64); \
@@ -115,24 +116,21 @@ void dense_tiles(const at::Tensor& x, const uint8_t* tiles, const c10::Half* min
       _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src))));
     });
   }
-  // Tasks are (up to 384 activation rows, 16 weight rows) pairs, row-major: a thread keeps
-  // its rows' activations in cache while the weights stream past (a prompt of 1,400 rows has
-  // 4 MiB of them, more than a core's L2). A task dequantizes its weight rows once, into
-  // `panel`, while it multiplies its first 96 rows; the next 96 read the panel.
-  const int64_t groups = n / 16, chunk = kRowTiles * kTileRows, span = 4 * chunk;
-  const int64_t spans = (padded + span - 1) / span;
-  at::parallel_for(0, spans * groups, 1, [&](int64_t begin, int64_t end) {
+  // A task is 16 weight rows: it dequantizes them into `panel` while it multiplies the first
+  // 80 activation rows, and the next 80 read the panel. (Up to kLongRows rows come here: their
+  // activations, at most 768 KiB, stay in a core's L2 while the weights stream past.)
+  const int64_t chunk = kRowTiles * kTileRows;
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
     load_bf16_config();
     std::vector<__m512i> panel(blocks * 16);  // the weight rows' B tiles, 1 KiB each
     alignas(64) float c[kTileRows][16];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t gi = task % groups, first = task / groups * span, last = std::min(padded, first + span);
+    for (int64_t gi = begin; gi < end; ++gi) {
       const uint8_t* group = tiles + gi * blocks * record;
       const int64_t g = gi * 16;
       __m512 s = Q4 ? _mm512_setzero_ps() : _mm512_loadu_ps(scale + g);
       __m512 o = _mm512_mul_ps(s, _mm512_set1_ps(-128.f));  // q8 codes carry +128
-      for (int64_t m0 = first; m0 < last; m0 += chunk) {
-        const int64_t tiles_m = std::min(kRowTiles, (last - m0) / kTileRows);
+      for (int64_t m0 = 0; m0 < padded; m0 += chunk) {
+        const int64_t tiles_m = std::min(kRowTiles, (padded - m0) / kTileRows);
         const uint16_t* a0 = a.data() + m0 * k;
         _tile_zero(0);
         _tile_zero(1);
@@ -141,7 +139,7 @@ void dense_tiles(const at::Tensor& x, const uint8_t* tiles, const c10::Half* min
         _tile_zero(4);  // (zeroing a tile this chunk leaves unused costs less than a branch)
         for (int64_t b = 0; b < blocks; ++b) {
           uint16_t* tile = reinterpret_cast<uint16_t*>(panel.data() + b * 16);
-          if (m0 == first) {
+          if (m0 == 0) {
             const uint8_t* rec = group + b * record;
             if constexpr (Q4) {
               s = _mm512_load_ps(reinterpret_cast<const float*>(rec + kTileBytes / 2));
@@ -173,13 +171,19 @@ void dense_tiles(const at::Tensor& x, const uint8_t* tiles, const c10::Half* min
 }
 
 // W as bf16 from 32-column blocks: `block(r, b)` gives block b of row r as floats in two
-// halves (columns 0..15, 16..31). Into a buffer this thread keeps for its next call: a fresh
-// one of a few MiB would cost its page faults again every time.
+// halves (columns 0..15, 16..31). Up to 64 MiB, into a buffer this thread keeps for its next
+// call: a fresh one of a few MiB cost its page faults again every time (a third of the call).
 template <typename BlockFn>
 at::Tensor weight_bf16(int64_t n, int64_t k, BlockFn block) {
+  constexpr int64_t kKeep = int64_t{32} << 20;  // bf16 elements
   thread_local at::Tensor scratch = at::empty({0}, at::TensorOptions().dtype(at::kBFloat16));
-  if (scratch.numel() < n * k) scratch = at::empty({n * k}, scratch.options());
-  at::Tensor w = scratch.narrow(0, 0, n * k).view({n, k});
+  at::Tensor w;
+  if (n * k > kKeep) {
+    w = at::empty({n, k}, scratch.options());  // e.g. a big vocabulary's LM head: not kept
+  } else {
+    if (scratch.numel() < n * k) scratch = at::empty({n * k}, scratch.options());
+    w = scratch.narrow(0, 0, n * k).view({n, k});
+  }
   uint16_t* out = reinterpret_cast<uint16_t*>(w.mutable_data_ptr<at::BFloat16>());
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
