@@ -166,6 +166,17 @@ class ModelLoop:
     def _deliver(self, req: Pending, item) -> None:
         req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
 
+    @staticmethod
+    def _deliver_step(items: list[tuple[Pending, object]]) -> None:
+        """A step's outputs, with one wake-up of each event loop for all of them: every
+        call_soon_threadsafe writes to the loop's self-pipe, and 16 streams made 16 of those
+        (and their wake-ups) a step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for req, item in items:
+            by_loop.setdefault(req.loop, []).append((req.queue, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
     def _drain_inbox(self) -> None:
         for _ in range(len(self._inbox)):
             kind, req = self._inbox.popleft()
@@ -265,6 +276,7 @@ class ModelLoop:
                     self._fail_in_flight(e)
                     continue
                 now = time.monotonic()
+                deliveries: list[tuple[Pending, object]] = []
                 for out in outputs:
                     req = self._streams.get(out.seq_id)
                     self.generated_tokens += len(out.token_ids)
@@ -274,7 +286,8 @@ class ModelLoop:
                     if req is not None:
                         if out.token_ids:  # measured before delivery: a client never sees a token uncounted
                             self._measure(req, len(out.token_ids), now)
-                        self._deliver(req, out)
+                        deliveries.append((req, out))
+                self._deliver_step(deliveries)
         except BaseException as e:  # keep serving errors, not hangs, to every waiting client
             log.exception("model loop crashed")
             self.error = e
@@ -283,3 +296,8 @@ class ModelLoop:
         for req in list(self._streams.values()) + [r for _, r in self._inbox]:
             self._deliver(req, EngineDead(why))
         self._streams.clear()
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
