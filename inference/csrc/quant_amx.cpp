@@ -38,13 +38,6 @@ namespace {
 
 // Below this many rows the VNNI kernels win: a tile always multiplies 16 rows.
 constexpr int64_t kMinRows = 4;
-// From this many rows on the bf16 products (quant_amx_bf16.cpp) take over: their cost is
-// dequantizing each weight tile once a call, where these scale every 16 rows' products
-// block by block (the default model's 30 layers, 2 cores: 24 rows 13 ms against 15-18, 89
-// rows 28-31 against 44-48). Below it the two cost about the same, and these round the
-// activations as the one-row VNNI kernels do, so a sequence gets the same answer alone or
-// in a small batch.
-constexpr int64_t kDenseRows = 24;
 
 bool env_off() {
   const char* v = std::getenv("RINGLLM_AMX");
@@ -218,7 +211,6 @@ bool usable(int64_t m, int64_t n, int64_t k) {
 
 #if defined(RINGLLM_AMX)
 void q4_linear(const at::Tensor& x, const uint8_t* tiles, const c10::Half* mins, int64_t n, float* y) {
-  if (x.size(0) >= kDenseRows) return q4_dense(x, tiles, mins, n, y);
   const Rows a = quantize_any(x, false);
   const int64_t blocks = a.blocks, record = record_bytes(true);
   for_groups(a, n, [&](int64_t g, int64_t m0, int64_t live) {
@@ -245,7 +237,6 @@ void q4_linear(const at::Tensor& x, const uint8_t* tiles, const c10::Half* mins,
 }
 
 void q8_linear(const at::Tensor& x, const uint8_t* tiles, const float* scale, int64_t n, float* y) {
-  if (x.size(0) >= kDenseRows) return q8_dense(x, tiles, scale, n, y);
   const Rows a = quantize_any(x, true);
   const int64_t blocks = a.blocks, record = record_bytes(false);
   for_groups(a, n, [&](int64_t g, int64_t m0, int64_t live) {

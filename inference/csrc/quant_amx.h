@@ -1,7 +1,8 @@
 // The quantized matmuls on AMX tiles, for batches: quant_ops.cpp's kernels hand a call over
-// when the weight has tile records and `usable` says so. Up to 23 rows quant_amx.cpp
-// multiplies int8 activations by the codes; from 24 rows (prompts) quant_amx_bf16.cpp
-// multiplies bf16 activations by weights dequantized to bf16.
+// when the weight has tile records and `usable` says so, and pick by its rows (`on_amx`):
+// below kDenseRows quant_amx.cpp multiplies int8 activations by the codes; below kLongRows
+// (prompts) quant_amx_bf16.cpp multiplies bf16 activations by weights dequantized to bf16;
+// from there torch multiplies by the whole weight dequantized to bf16.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,7 +27,13 @@ int64_t record_bytes(bool q4);
 void q4_linear(const at::Tensor& x, const uint8_t* tiles, const c10::Half* mins, int64_t n, float* y);
 void q8_linear(const at::Tensor& x, const uint8_t* tiles, const float* scale, int64_t n, float* y);
 
-// The same with x rounded to bf16 and W dequantized to bf16 tile by tile (quant_amx_bf16.cpp).
+// The same with x rounded to bf16 and W dequantized to bf16 tile by tile (quant_amx_bf16.cpp),
+// for kDenseRows rows and more: their cost is dequantizing each weight tile once a call, where
+// q4_linear / q8_linear scale every 16 rows' products block by block (the default model's 30
+// layers, 2 cores: 24 rows 13 ms against 15-18, 89 rows 28-31 against 44-48). Below it the two
+// cost about the same, and those round the activations as the one-row VNNI kernels do, so a
+// sequence gets the same answer alone or in a small batch.
+constexpr int64_t kDenseRows = 24;
 void q4_dense(const at::Tensor& x, const uint8_t* tiles, const c10::Half* mins, int64_t n, float* y);
 void q8_dense(const at::Tensor& x, const uint8_t* tiles, const float* scale, int64_t n, float* y);
 

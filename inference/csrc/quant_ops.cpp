@@ -440,6 +440,21 @@ bool has_tiles(const c10::optional<Tensor>& tiles, int64_t n, int64_t k, bool q4
   return true;
 }
 
+// A call on the weight's AMX tile records (quant_amx.h), by its rows: int8 tiles, bf16 tiles
+// from kDenseRows, and from kLongRows torch's bf16 matmul on the weight dequantized for it.
+template <typename Int8Tiles, typename Bf16Tiles, typename WeightBf16>
+Tensor on_amx(const Tensor& x, int64_t n, Int8Tiles int8_tiles, Bf16Tiles bf16_tiles, WeightBf16 weight_bf16) {
+  const int64_t m = x.size(0);
+  if (m >= ringllm::amx::kLongRows) return at::linear(x.to(at::kBFloat16), weight_bf16()).to(x.scalar_type());
+  Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (m >= ringllm::amx::kDenseRows) {
+    bf16_tiles(y.mutable_data_ptr<float>());
+  } else {
+    int8_tiles(y.mutable_data_ptr<float>());
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 Tensor q4_linear(const Tensor& x_, const Tensor& codes, const Tensor& scales, const Tensor& mins,
                  const c10::optional<Tensor>& tiles) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
@@ -456,15 +471,15 @@ Tensor q4_linear(const Tensor& x_, const Tensor& codes, const Tensor& scales, co
   const uint8_t* w = codes.const_data_ptr<uint8_t>();
   const c10::Half* d = scales.const_data_ptr<c10::Half>();
   const c10::Half* mn = mins.const_data_ptr<c10::Half>();
-  const bool amx = has_tiles(tiles, n, k, true) && ringllm::amx::usable(m, n, k);
-  if (amx && m >= ringllm::amx::kLongRows)
-    return at::linear(x.to(at::kBFloat16), ringllm::amx::q4_weight_bf16(w, d, mn, n, k)).to(x.scalar_type());
+  if (has_tiles(tiles, n, k, true) && ringllm::amx::usable(m, n, k)) {
+    const uint8_t* t = tiles->const_data_ptr<uint8_t>();
+    return on_amx(
+        x, n, [&](float* y) { ringllm::amx::q4_linear(x, t, mn, n, y); },
+        [&](float* y) { ringllm::amx::q4_dense(x, t, mn, n, y); },
+        [&] { return ringllm::amx::q4_weight_bf16(w, d, mn, n, k); });
+  }
   Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   float* out = y.mutable_data_ptr<float>();
-  if (amx) {
-    ringllm::amx::q4_linear(x, tiles->const_data_ptr<uint8_t>(), mn, n, out);
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-  }
   QuantizedRows a = AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "q4_quantize",
                                                     [&] { return quantize_for_q4(x.const_data_ptr<scalar_t>(), m, k); });
   for_row_tiles(m, n, k, [&](auto mt, int64_t a0, int64_t begin, int64_t end) {
@@ -481,15 +496,15 @@ Tensor q8_linear(const Tensor& x_, const Tensor& codes, const Tensor& scale, con
   const int64_t m = x.size(0);
   const uint8_t* w = codes.const_data_ptr<uint8_t>();
   const float* s = scale.const_data_ptr<float>();
-  const bool amx = has_tiles(tiles, n, k, false) && ringllm::amx::usable(m, n, k);
-  if (amx && m >= ringllm::amx::kLongRows)
-    return at::linear(x.to(at::kBFloat16), ringllm::amx::q8_weight_bf16(w, s, n, k)).to(x.scalar_type());
+  if (has_tiles(tiles, n, k, false) && ringllm::amx::usable(m, n, k)) {
+    const uint8_t* t = tiles->const_data_ptr<uint8_t>();
+    return on_amx(
+        x, n, [&](float* y) { ringllm::amx::q8_linear(x, t, s, n, y); },
+        [&](float* y) { ringllm::amx::q8_dense(x, t, s, n, y); },
+        [&] { return ringllm::amx::q8_weight_bf16(w, s, n, k); });
+  }
   Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   float* out = y.mutable_data_ptr<float>();
-  if (amx) {
-    ringllm::amx::q8_linear(x, tiles->const_data_ptr<uint8_t>(), s, n, out);
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-  }
   QuantizedRows a = AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "q8_quantize",
                                                     [&] { return quantize_for_q8(x.const_data_ptr<scalar_t>(), m, k); });
   for_row_tiles(m, n, k, [&](auto mt, int64_t a0, int64_t begin, int64_t end) {
