@@ -213,6 +213,21 @@ def server():
             proc.wait()
 
 
+def test_an_idle_server_leaves_the_cpu_alone(server):
+    """Nothing polls fast while nobody asks for anything: Gradio's queue, at its default 1 ms,
+    alone kept ~5% of a core busy (and the GIL away from the model thread) for ever."""
+    import psutil
+
+    port = server.rsplit(":", 1)[1]
+    (p,) = [p for p in psutil.process_iter(["cmdline"]) if "app.py" in (c := p.info["cmdline"] or []) and port in c]
+    wait_for(lambda: _status(server)["running"] == 0, what="an idle server")
+    before = sum(p.cpu_times()[:2])
+    t0 = time.monotonic()
+    time.sleep(3)  # measuring idleness itself: there is no event to wait on
+    used = sum(p.cpu_times()[:2]) - before
+    assert used / (time.monotonic() - t0) < 0.025, f"an idle server used {used:.2f} s of CPU in 3 s"
+
+
 @pytest.fixture(scope="module")
 def page(server):
     if not CHROMIUM.exists():

@@ -93,7 +93,7 @@ def mount_ui(
     auth = _key_auth(api_key) if api_key else None
     if api_key:
         app.add_middleware(LoginRateLimit)
-    return gr.mount_gradio_app(
+    app = gr.mount_gradio_app(
         app,
         demo,
         path="/",
@@ -109,3 +109,23 @@ def mount_ui(
         enable_monitoring=False,
         show_error=True,
     )
+    slow_queue_polling(demo)
+    return app
+
+
+# How often Gradio's queue looks for new events while it has none, and for progress to send
+# (seconds). Its defaults elsewhere than Windows, 1 and 10 ms, wake the event loop ~1,100
+# times a second for ever: ~5% of a core on an idle server, and under load a wake-up that
+# takes the GIL from the model thread a thousand times a second. These are Gradio's own
+# values on Windows; a page's event starts at most 50 ms later.
+QUEUE_POLL_S = 0.05
+PROGRESS_POLL_S = 0.1
+
+
+def slow_queue_polling(demo: gr.Blocks) -> None:
+    queue = getattr(demo, "_queue", None)
+    if queue is None or not hasattr(queue, "sleep_when_free"):  # another Gradio: leave it as it is
+        log.warning("Gradio's queue has no sleep_when_free: its idle polling is left at its default")
+        return
+    queue.sleep_when_free = QUEUE_POLL_S
+    queue.progress_update_sleep_when_free = PROGRESS_POLL_S
