@@ -107,7 +107,8 @@ def reference_decode(q, k_cache, v_cache, tables, ctx_lens):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,seqs",
-    [(9, 3, 64, 1), (9, 3, 64, 20), (4, 4, 128, 3), (14, 2, 64, 5), (6, 2, 40, 4)],  # 40: no vector path
+    # Query heads a KV head: 3, 1, 7 (a pass of 4, then 3), 4 at 128 wide (2 + 2), 2; 40: no vector path.
+    [(9, 3, 64, 1), (9, 3, 64, 20), (4, 4, 128, 3), (14, 2, 64, 5), (8, 2, 128, 3), (4, 2, 64, 2), (6, 2, 40, 4)],
 )
 def test_decode_attention_matches_sdpa_over_random_tables(dtype, heads, kv_heads, head_dim, seqs):
     torch.manual_seed(heads * seqs)

@@ -301,40 +301,74 @@ ALWAYS_INLINE void softmax(float* x, int64_t n) {
 }
 
 #if defined(__AVX512F__)
+// fn(std::integral_constant<int, n>) for 1 <= n <= 16 / DV: a number of query heads as a
+// compile-time constant, so that their sums (or queries) stay in registers.
+template <int DV, typename Fn>
+ALWAYS_INLINE void by_heads(int64_t n, Fn fn) {
+  static_assert(DV == 4 || DV == 8, "16 / DV heads of DV registers each");
+  if (n == 1) fn(std::integral_constant<int, 1>{});
+  else if constexpr (DV == 8) fn(std::integral_constant<int, 2>{});
+  else if (n == 2) fn(std::integral_constant<int, 2>{});
+  else if (n == 3) fn(std::integral_constant<int, 3>{});
+  else fn(std::integral_constant<int, 4>{});
+}
+
+// Query heads h0 .. h0 + H - 1 (held in registers) against KV head kh of rows 0 .. n - 1:
+// each dot product left as 16 partial sums in part[h][j].
+template <int DV, int H, typename T>
+ALWAYS_INLINE void scores_of(const float* qf, const T* const* krows, int64_t n, int64_t h0, int64_t kh,
+                             float (*part)[16][16]) {
+  constexpr int64_t d = DV * 16;
+  __m512 q[H][DV];
+#pragma GCC unroll 16
+  for (int g = 0; g < H; ++g)
+    for (int i = 0; i < DV; ++i) q[g][i] = _mm512_loadu_ps(qf + (h0 + g) * d + i * 16);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 k[DV];
+#pragma GCC unroll 16
+    for (int i = 0; i < DV; ++i) k[i] = load16(krows[j] + kh * d + i * 16);
+#pragma GCC unroll 16
+    for (int g = 0; g < H; ++g) {
+      __m512 acc = _mm512_mul_ps(q[g][0], k[0]);
+#pragma GCC unroll 16
+      for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(q[g][i], k[i], acc);
+      _mm512_store_ps(part[h0 + g][j], acc);
+    }
+  }
+}
+
 // The vector path of decode attention (head_dim a multiple of 16), one sequence's context rows
 // given in order. Scores 16 rows at a time: each (head, row) dot product is left as 16 partial
 // sums, and one shuffle tree adds up 16 rows' at once (a horizontal sum per dot product, plus
 // a scalar softmax, cost more than the multiply-adds).
 // DV: head_dim / 16 where it is 4 or 8, whose key rows are loaded (and widened) once for all
-// the query heads that share them; 0 for any other multiple of 16.
+// the query heads that share them (up to 16 / DV at a time, their queries in registers); 0
+// for any other multiple of 16.
 template <int DV, typename T>
 void scores_by_16(const float* qf, const T* const* krows, int64_t len, int64_t q_heads, int64_t group, int64_t d,
                   float* scores, float (*part)[16][16]) {
   const int64_t kv_heads = q_heads / group, row_bytes = d * kv_heads * sizeof(T);
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - t0);
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < n; ++j)
       if (t0 + j + kAhead < len) prefetch(krows[t0 + j + kAhead], row_bytes);
-      if constexpr (DV > 0) {
-        for (int64_t kh = 0; kh < kv_heads; ++kh) {
-          __m512 k[DV];
-          for (int64_t i = 0; i < DV; ++i) k[i] = load16(krows[t0 + j] + kh * d + i * 16);
-          for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
-            const float* qh = qf + h * d;
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);
-            for (int64_t i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i * 16), k[i], acc);
-            _mm512_store_ps(part[h][j], acc);
-          }
+    if constexpr (DV > 0) {
+      constexpr int64_t kHeads = 16 / DV;
+      for (int64_t kh = 0; kh < kv_heads; ++kh)
+        for (int64_t h0 = kh * group; h0 < (kh + 1) * group; h0 += kHeads) {
+          by_heads<DV>(std::min(kHeads, (kh + 1) * group - h0), [&](auto heads) {
+            scores_of<DV, decltype(heads)::value>(qf, krows + t0, n, h0, kh, part);
+          });
         }
-        continue;
-      }
-      for (int64_t h = 0; h < q_heads; ++h) {
-        const float* qh = qf + h * d;
-        const T* k = krows[t0 + j] + (h / group) * d;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(k));
-        for (int64_t i = 16; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(k + i), acc);
-        _mm512_store_ps(part[h][j], acc);
-      }
+    } else {
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t h = 0; h < q_heads; ++h) {
+          const float* qh = qf + h * d;
+          const T* k = krows[t0 + j] + (h / group) * d;
+          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(k));
+          for (int64_t i = 16; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(k + i), acc);
+          _mm512_store_ps(part[h][j], acc);
+        }
     }
     const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
     for (int64_t h = 0; h < q_heads; ++h) {
@@ -344,34 +378,49 @@ void scores_by_16(const float* qf, const T* const* krows, int64_t len, int64_t q
   }
 }
 
-// out [q_heads, d] = the value rows weighted by the scores. DV = d / 16 registers a head, and
-// 16 / DV heads a pass over the rows, so that their sums stay in registers; `scores` has
-// zero rows past the last head for a last pass that is not full.
+// Heads h0 .. h0 + H - 1 of out [q_heads, d] = the value rows weighted by their scores, all
+// of them reading KV head `kv` (at offset kv * d of a row): each row's values are loaded (and
+// widened) once for the H heads, whose H x DV sums stay in registers.
+template <int DV, int H, typename T>
+ALWAYS_INLINE void weighted_values_of(const float* scores, const T* const* vrows, int64_t len, int64_t h0, int64_t kv,
+                                      int64_t ahead_bytes, float* out) {
+  constexpr int64_t d = DV * 16;
+  __m512 acc[H][DV];
+#pragma GCC unroll 16
+  for (int g = 0; g < H; ++g)
+    for (int i = 0; i < DV; ++i) acc[g][i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    if (ahead_bytes > 0 && t + kAhead < len) prefetch(vrows[t + kAhead], ahead_bytes);
+    __m512 v[DV];
+#pragma GCC unroll 16
+    for (int i = 0; i < DV; ++i) v[i] = load16(vrows[t] + kv * d + i * 16);
+#pragma GCC unroll 16
+    for (int g = 0; g < H; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[(h0 + g) * len + t]);
+#pragma GCC unroll 16
+      for (int i = 0; i < DV; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
+    }
+  }
+  for (int g = 0; g < H; ++g)
+    for (int i = 0; i < DV; ++i) _mm512_storeu_ps(out + (h0 + g) * d + i * 16, acc[g][i]);
+}
+
+// out [q_heads, d] = the value rows weighted by the scores, one KV head at a time and up to
+// 16 / DV of its query heads a pass (3 heads a KV head, 64 wide: one pass that loads each row
+// once; a pass of 4 heads across KV heads loaded it once a head, and 9 heads took 3 passes,
+// the last with 1 head of 4).
 template <int DV, typename T>
 void weighted_values(const float* scores, const T* const* vrows, int64_t len, int64_t q_heads, int64_t group,
                      float* out) {
-  constexpr int64_t kHeads = 16 / DV, d = DV * 16;
-  const int64_t row_bytes = d * (q_heads / group) * sizeof(T);
-  for (int64_t h0 = 0; h0 < q_heads; h0 += kHeads) {
-    __m512 acc[kHeads][DV];
-    int64_t kv[kHeads];  // each head's offset in a row (a zero row's head reads the last one's)
-    for (int64_t g = 0; g < kHeads; ++g) {
-      kv[g] = std::min(h0 + g, q_heads - 1) / group * d;
-      for (int64_t i = 0; i < DV; ++i) acc[g][i] = _mm512_setzero_ps();
+  constexpr int64_t kHeads = 16 / DV;
+  const int64_t row_bytes = DV * 16 * (q_heads / group) * sizeof(T);
+  for (int64_t kv = 0; kv < q_heads / group; ++kv)
+    for (int64_t h0 = kv * group; h0 < (kv + 1) * group; h0 += kHeads) {
+      const int64_t ahead = h0 == 0 ? row_bytes : 0;
+      by_heads<DV>(std::min(kHeads, (kv + 1) * group - h0), [&](auto heads) {
+        weighted_values_of<DV, decltype(heads)::value>(scores, vrows, len, h0, kv, ahead, out);
+      });
     }
-    for (int64_t t = 0; t < len; ++t) {
-      if (h0 == 0 && t + kAhead < len) prefetch(vrows[t + kAhead], row_bytes);
-#pragma GCC unroll 16
-      for (int64_t g = 0; g < kHeads; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[(h0 + g) * len + t]);
-#pragma GCC unroll 16
-        for (int64_t i = 0; i < DV; ++i) acc[g][i] = _mm512_fmadd_ps(p, load16(vrows[t] + kv[g] + i * 16), acc[g][i]);
-      }
-    }
-    const int64_t n = std::min(kHeads, q_heads - h0);
-    for (int64_t g = 0; g < n; ++g)
-      for (int64_t i = 0; i < DV; ++i) _mm512_storeu_ps(out + (h0 + g) * d + i * 16, acc[g][i]);
-  }
 }
 #endif
 
@@ -403,8 +452,7 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
   // Inline when the whole step is small (a short sequence or two); else one sequence per task.
   const int64_t g = total * q_heads * d < 8 * kParallelElements ? seqs : 1;
   at::parallel_for(0, seqs, g, [=](int64_t begin, int64_t end) {
-    // scores: weighted_values reads up to 16 zero rows past the last head.
-    std::vector<float> qf(q_heads * d), acc(q_heads * d), scores((q_heads + 16) * longest);
+    std::vector<float> qf(q_heads * d), acc(q_heads * d), scores(q_heads * longest);
     std::vector<const C*> krows(longest), vrows(longest);
     std::vector<float> part(vector ? q_heads * 256 + 16 : 0);  // scores_by_16's partial sums, 64-byte aligned
     auto* parts = reinterpret_cast<float(*)[16][16]>((reinterpret_cast<uintptr_t>(part.data()) + 63) & ~uintptr_t{63});
@@ -435,7 +483,6 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
         for (int64_t h = 0; h < q_heads; ++h) scores[h * len + t] = dot(&qf[h * d], krows[t] + (h / group) * d, d);
       }
       for (int64_t h = 0; h < q_heads; ++h) softmax(&scores[h * len], len);
-      std::fill(scores.begin() + q_heads * len, scores.begin() + (q_heads + 16) * len, 0.f);
       bool done = false;
 #if defined(__AVX512F__)
       if constexpr (!std::is_same_v<T, double>) {
