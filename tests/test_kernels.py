@@ -126,6 +126,32 @@ def test_decode_attention_matches_sdpa_over_random_tables(dtype, heads, kv_heads
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=atol)
 
 
+def test_prompts_on_the_decode_kernel_match_sdpa(monkeypatch):
+    """Short prompt chunks are attended by the decode kernel, one query a token over the cache
+    that already holds them; in one step with a decode, a fresh prompt, and a later chunk of
+    a prompt whose start is cached. SDPA, a call per chunk, is the reference."""
+    from inference.layers import attention
+
+    torch.manual_seed(0)
+    h, kv, d, block, blocks = 9, 3, 64, 16, 32
+    q_lens, ctx_lens = [1, 37, 30], [40, 37, 50]
+    tables = torch.stack([torch.randperm(blocks)[:4] for _ in q_lens])
+    k_cache, v_cache = torch.randn(blocks, block, kv, d), torch.randn(blocks, block, kv, d)
+    positions = [(i, p) for i, (n, c) in enumerate(zip(q_lens, ctx_lens)) for p in range(c - n, c)]
+    slots = torch.tensor([int(tables[i, p // block]) * block + p % block for i, p in positions])
+    q = torch.randn(len(slots), h, d)
+    k, v = k_cache.view(-1, kv, d)[slots], v_cache.view(-1, kv, d)[slots]  # this step's keys: in the cache
+    layer = attention.Attention(h, kv, d, layer_idx=0)
+
+    def run() -> torch.Tensor:
+        meta = attention.build_metadata(slots, tables, q_lens, ctx_lens, num_decodes=1, block_size=block)
+        return layer(q, k, v, meta, (k_cache, v_cache))
+
+    got = run()
+    monkeypatch.setattr(attention, "ROWS_MAX_CTX", 0)  # every prompt through SDPA
+    torch.testing.assert_close(got, run(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
 def test_a_narrower_cache_under_float32_activations(cache_dtype):
     # Quantized weights on CPU keep keys and values in bf16 (model_runner.kv_cache_dtype): the

@@ -449,9 +449,7 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
 #else
   const bool vector = false;
 #endif
-  // Inline when the whole step is small (a short sequence or two); else one sequence per task.
-  const int64_t g = total * q_heads * d < 8 * kParallelElements ? seqs : 1;
-  at::parallel_for(0, seqs, g, [=](int64_t begin, int64_t end) {
+  auto run = [=](int64_t begin, int64_t end) {
     std::vector<float> qf(q_heads * d), acc(q_heads * d), scores(q_heads * longest);
     std::vector<const C*> krows(longest), vrows(longest);
     std::vector<float> part(vector ? q_heads * 256 + 16 : 0);  // scores_by_16's partial sums, 64-byte aligned
@@ -501,6 +499,21 @@ void decode_attention_impl(const Tensor& q, const Tensor& k_cache, const Tensor&
       for (int64_t h = 0; h < q_heads; ++h)
         for (int64_t i = 0; i < d; ++i) op[(s * q_heads + h) * d + i] = static_cast<T>(acc[h * d + i]);
     }
+  };
+  // Inline when the whole step is small (a short sequence or two). Else each thread takes a
+  // run of rows of about equal work (context rows, plus a few for a row's own setup): split
+  // by count, a prompt's rows (one query per token, contexts 1 .. n) gave the thread holding
+  // the second half three times the work of the other.
+  constexpr int64_t kRowSetup = 16;
+  const int64_t tasks = total * q_heads * d < 8 * kParallelElements ? 1 : std::min<int64_t>(at::get_num_threads(), seqs);
+  std::vector<int64_t> cut(tasks + 1, seqs);
+  cut[0] = 0;
+  for (int64_t s = 0, work = 0, p = 1; s < seqs && p < tasks; ++s) {
+    work += lens[s] + kRowSetup;
+    if (work * tasks >= p * (total + seqs * kRowSetup)) cut[p++] = s + 1;
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) run(cut[p], cut[p + 1]);
   });
 }
 

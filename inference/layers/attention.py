@@ -3,6 +3,8 @@
 The runner orders every batch as [decodes..., prefills...]: decodes (one new token
 each) are attended in one padded, batched call; each prefill chunk gets its own call
 with a bottom-right-aligned causal mask (its earlier tokens may already be cached).
+On CPU with the fused kernels, a step whose prompt chunks are all short runs in one call
+of the decode kernel instead, every token a query of its own over the cache.
 """
 
 from __future__ import annotations
@@ -36,6 +38,21 @@ class AttentionMetadata:
     decode_len: int  # longest context among the decodes
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, decode_len] bool, True = attend; None if no padding
     block_size: int
+    _per_token: tuple[torch.Tensor, list[int]] | None = None  # per_token()'s answer, once built
+
+    def per_token(self) -> tuple[torch.Tensor, list[int]]:
+        """Every token of the step as a query of its own: its sequence's block table row and
+        the context it sees (a prompt's token i of n, with ctx in all: ctx - n + 1 + i), for
+        the decode kernel to attend prompts too. Built once a step, shared by its layers."""
+        if self._per_token is None:
+            rows: list[int] = []
+            lens: list[int] = []
+            for i, (n, ctx) in enumerate(zip(self.q_lens, self.ctx_lens)):
+                rows += [i] * n
+                lens += range(ctx - n + 1, ctx + 1)
+            index = torch.tensor(rows, device=self.block_tables.device)
+            self._per_token = (self.block_tables.index_select(0, index), lens)
+        return self._per_token
 
 
 def build_metadata(
@@ -56,6 +73,10 @@ def build_metadata(
     return AttentionMetadata(
         slot_mapping, block_tables, list(q_lens), list(ctx_lens), num_decodes, decode_len, decode_mask, block_size
     )
+
+
+# Prompt chunks whose context is at most this long are attended by the decode kernel.
+ROWS_MAX_CTX = 256
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
@@ -113,6 +134,13 @@ class Attention(nn.Module):
         nd = meta.num_decodes
         if nd == len(meta.q_lens):  # a pure decode step, the hot path: no output buffer to fill
             return self._decode(q, meta, k_cache, v_cache)
+        if q.device.type == "cpu" and max(meta.ctx_lens[nd:]) <= ROWS_MAX_CTX:
+            # Short prompts on the decode kernel, one query a token over the cache that already
+            # holds them: 16 prompts of 76 tokens, 30 layers, 77 ms against 147 through SDPA
+            # (a call per prompt); even at 512 tokens, longer ones are SDPA's.
+            tables, lens = meta.per_token()
+            if (o := kernels.decode_attention(q, k_cache, v_cache, tables, lens, self.scale)) is not None:
+                return o
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta, k_cache, v_cache)
