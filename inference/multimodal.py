@@ -78,7 +78,6 @@ class ImageInputs:
     positions: torch.Tensor  # [3, P] int64
     delta: int
     image_index: torch.Tensor  # [P] int64
-    content_hash: bytes  # identifies all the processed pixels of the prompt
     # The prompt as a prefix cache keys it: text tokens as they are, each image token as a
     # negative number from its picture's content hash and its place in the picture, so the
     # same picture (even in a later turn) is a hit and another picture never is.
@@ -108,8 +107,7 @@ class ImageInputs:
                     k += 1
                 keys[k] = -1 - (base | offset)
                 k += 1
-        whole = hashlib.sha256(b"".join(digests)).digest()
-        return cls(pixel_values, grids, positions, delta, index, whole, keys)
+        return cls(pixel_values, grids, positions, delta, index, keys)
 
     @property
     def num_prompt_tokens(self) -> int:

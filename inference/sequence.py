@@ -62,12 +62,6 @@ class Sequence:
         return (prompt + self.output_token_ids)[start:end]
 
     @property
-    def mm_hash(self) -> bytes | None:
-        """The content hash of the prompt's images (None without images): image pads are the
-        same token ids for any picture, so a cache keyed by tokens must key by this too."""
-        return None if self.images is None else self.images.content_hash
-
-    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

@@ -98,10 +98,6 @@ def test_prompt_layout_matches_transformers(vl):
     counts = [t * h * w // 4 for t, h, w in vl.images.grids]
     assert vl.ids.count(IMAGE_PAD) == sum(counts)
     assert torch.equal(vl.images.positions, vl.ref.positions)
-    # A sequence with images carries their content hash (what a prefix cache must key on).
-    seq = Sequence(vl.ids, SamplingParams(), images=vl.images)
-    assert seq.mm_hash == vl.images.content_hash and len(seq.mm_hash) == 32
-    assert Sequence([1, 2], SamplingParams()).mm_hash is None
 
 
 def test_prefix_cache_keys_pictures_by_content(vl):
