@@ -183,17 +183,31 @@ def picture_site():
         thread.join(5)
 
 
+def _loopback_plays_the_internet(monkeypatch, answers: dict[str, list[list[str]]]) -> list[str]:
+    """For fetch tests on loopback: 127.0.0.1 counts as a public address, any other as private,
+    and names resolve to `answers[name]`, one list of addresses per lookup in turn (the last
+    repeats); IP literals resolve to themselves. Returns the names looked up, in order."""
+    from ui import images as imgs
+
+    asked: list[str] = []
+
+    def resolve(host: str) -> list[str]:
+        asked.append(host)
+        turns = answers.get(host)
+        return [host] if turns is None else (turns.pop(0) if len(turns) > 1 else turns[0])
+
+    monkeypatch.setattr(imgs, "_resolve", resolve)
+    monkeypatch.setattr(imgs, "_public", lambda address: address == "127.0.0.1")
+    return asked
+
+
 def test_remote_fetch_follows_redirects_with_every_hop_checked(picture_site, monkeypatch):
-    """The fetch logic on loopback, with the address policy narrowed for the test: 127.0.0.1
-    plays a public host, `localhost` a private one (every hop, redirects included, is checked)."""
+    """The fetch logic on loopback: 127.0.0.1 plays a public host, `localhost` (resolved to
+    127.0.0.2) a private one; every hop, redirects included, is checked."""
     from ui import images as imgs
     from ui.errors import APIError
 
-    def policy(ref, url):
-        if "localhost" in url:
-            raise imgs._bad(ref, "localhost is a private or local address", "image_fetch_failed")
-
-    monkeypatch.setattr(imgs, "_public_host", policy)
+    _loopback_plays_the_internet(monkeypatch, {"localhost": [["127.0.0.2"]]})
     limits = ImageLimits(allow_remote=True, max_bytes=200_000, timeout_s=5)
 
     def load(path: str):
@@ -210,6 +224,23 @@ def test_remote_fetch_follows_redirects_with_every_hop_checked(picture_site, mon
         with pytest.raises(APIError, match=needle) as e:
             load(path)
         assert e.value.status == 400
+
+
+def test_remote_fetch_connects_to_the_address_it_checked(picture_site, monkeypatch):
+    """DNS rebinding: a name that resolves to a public address when checked and to a private
+    one a moment later. The fetch connects to the checked address (the name is looked up
+    once a hop, and the system's resolver, which does not know it, is never asked)."""
+    from ui import images as imgs
+    from ui.errors import APIError
+
+    port = picture_site.rsplit(":", 1)[1]
+    asked = _loopback_plays_the_internet(monkeypatch, {"pics.test": [["127.0.0.1"], ["127.0.0.2"]]})
+    limits = ImageLimits(allow_remote=True, timeout_s=5)
+    ref = imgs.ImageRef(f"http://pics.test:{port}/pic.png", "messages[0].content[0]")
+    assert imgs.load_images([ref], limits)[0].size == (56, 56)
+    assert asked == ["pics.test"]
+    with pytest.raises(APIError, match="private or local address"):  # the second lookup: private
+        imgs.load_images([ref], limits)
 
 
 def test_body_limit_grows_for_a_vision_model(http):

@@ -3,7 +3,8 @@
 `data:` URLs (png, jpeg, webp, gif: its first frame) are always read; http(s) URLs only when
 the server runs with --allow-remote-images, fetched with a timeout and a size cap, refusing
 any hop (the first or a redirect) whose host resolves to a private, loopback or link-local
-address, so a request cannot make the server read its own network. Every problem is a
+address, and connecting to the address that was checked, so a request cannot make the
+server read its own network. Every problem is a
 400 naming the image (`messages[i].content[j]`) and what is wrong with it."""
 
 from __future__ import annotations
@@ -87,19 +88,41 @@ def _decode_data_url(ref: ImageRef, limits: ImageLimits) -> bytes:
         raise _bad(ref, "the base64 data is corrupt") from None
 
 
-def _public_host(ref: ImageRef, url: str) -> None:
-    """Refuse a URL whose host is (or resolves to) anything but a public address."""
+def _resolve(host: str) -> list[str]:
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
+
+
+def _public(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_global and not ip.is_multicast
+
+
+def _public_address(ref: ImageRef, url: str) -> str:
+    """The address to fetch `url` from: its host resolved once, refused unless every answer
+    is public. The fetch connects to this very address: were the HTTP client to resolve the
+    name again, a DNS server could answer a private address the second time (rebinding)."""
     host = urlsplit(url).hostname
     if not host:
         raise _bad(ref, "the URL has no host")
     try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        addresses = _resolve(host)
     except OSError as e:
         raise _bad(ref, f"cannot resolve {host}: {e}", "image_fetch_failed") from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if not addr.is_global or addr.is_multicast:
-            raise _bad(ref, f"{host} is a private or local address; remote images must be public", "image_fetch_failed")
+    if not addresses or not all(_public(a) for a in addresses):
+        raise _bad(ref, f"{host} is a private or local address; remote images must be public", "image_fetch_failed")
+    return addresses[0]
+
+
+def _pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """`url` with its host replaced by `address`, and the Host header and TLS server name
+    (httpx's `sni_hostname`: the certificate is still checked against the name) of the
+    original, so that the request goes to the address that was checked."""
+    parts = urlsplit(url)
+    netloc = f"[{address}]" if ":" in address else address
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # host[:port], without any user:password@
+    return parts._replace(netloc=netloc).geturl(), {"Host": host}, {"sni_hostname": parts.hostname or ""}
 
 
 def _fetch(ref: ImageRef, limits: ImageLimits) -> bytes:
@@ -110,9 +133,9 @@ def _fetch(ref: ImageRef, limits: ImageLimits) -> bytes:
         for _ in range(_MAX_REDIRECTS + 1):
             if urlsplit(url).scheme not in ("http", "https"):
                 raise _bad(ref, "redirected to a URL that is not http(s)", "image_fetch_failed")
-            _public_host(ref, url)
+            target, headers, extensions = _pinned(url, _public_address(ref, url))
             try:
-                with client.stream("GET", url) as resp:
+                with client.stream("GET", target, headers=headers, extensions=extensions) as resp:
                     if resp.is_redirect and "location" in resp.headers:
                         url = urljoin(url, resp.headers["location"])
                         continue
