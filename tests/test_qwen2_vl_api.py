@@ -183,10 +183,12 @@ def picture_site():
         thread.join(5)
 
 
-def _loopback_plays_the_internet(monkeypatch, answers: dict[str, list[list[str]]]) -> list[str]:
-    """For fetch tests on loopback: 127.0.0.1 counts as a public address, any other as private,
-    and names resolve to `answers[name]`, one list of addresses per lookup in turn (the last
-    repeats); IP literals resolve to themselves. Returns the names looked up, in order."""
+def _loopback_plays_the_internet(
+    monkeypatch, answers: dict[str, list[list[str]]], public: tuple[str, ...] = ("127.0.0.1",)
+) -> list[str]:
+    """For fetch tests on loopback: the `public` addresses count as public, any other as
+    private, and names resolve to `answers[name]`, one list of addresses per lookup in turn
+    (the last repeats); IP literals resolve to themselves. Returns the names looked up."""
     from ui import images as imgs
 
     asked: list[str] = []
@@ -197,7 +199,7 @@ def _loopback_plays_the_internet(monkeypatch, answers: dict[str, list[list[str]]
         return [host] if turns is None else (turns.pop(0) if len(turns) > 1 else turns[0])
 
     monkeypatch.setattr(imgs, "_resolve", resolve)
-    monkeypatch.setattr(imgs, "_public", lambda address: address == "127.0.0.1")
+    monkeypatch.setattr(imgs, "_public", lambda address: address in public)
     return asked
 
 
@@ -241,6 +243,17 @@ def test_remote_fetch_connects_to_the_address_it_checked(picture_site, monkeypat
     assert asked == ["pics.test"]
     with pytest.raises(APIError, match="private or local address"):  # the second lookup: private
         imgs.load_images([ref], limits)
+
+
+def test_remote_fetch_tries_the_next_checked_address(picture_site, monkeypatch):
+    """A name with several public addresses, the first refusing connections (nothing listens
+    on 127.0.0.3): the fetch goes on to the next, as a connection by name would."""
+    from ui import images as imgs
+
+    port = picture_site.rsplit(":", 1)[1]
+    _loopback_plays_the_internet(monkeypatch, {"pics.test": [["127.0.0.3", "127.0.0.1"]]}, ("127.0.0.1", "127.0.0.3"))
+    ref = imgs.ImageRef(f"http://pics.test:{port}/pic.png", "messages[0].content[0]")
+    assert imgs.load_images([ref], ImageLimits(allow_remote=True, timeout_s=5))[0].size == (56, 56)
 
 
 def test_body_limit_grows_for_a_vision_model(http):

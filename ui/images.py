@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 _MAX_REDIRECTS = 3
+_MAX_ADDRESSES = 3  # of a name's, tried in turn when one refuses the connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,20 +98,21 @@ def _public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def _public_address(ref: ImageRef, url: str) -> str:
-    """The address to fetch `url` from: its host resolved once, refused unless every answer
-    is public. The fetch connects to this very address: were the HTTP client to resolve the
-    name again, a DNS server could answer a private address the second time (rebinding)."""
+def _public_addresses(ref: ImageRef, url: str) -> list[str]:
+    """The addresses to fetch `url` from (at most _MAX_ADDRESSES, in the resolver's order):
+    its host resolved once, refused unless every answer is public. The fetch connects to
+    these very addresses: were the HTTP client to resolve the name again, a DNS server could
+    answer a private address the second time (rebinding)."""
     host = urlsplit(url).hostname
     if not host:
         raise _bad(ref, "the URL has no host")
     try:
-        addresses = _resolve(host)
+        addresses = list(dict.fromkeys(_resolve(host)))
     except OSError as e:
         raise _bad(ref, f"cannot resolve {host}: {e}", "image_fetch_failed") from None
     if not addresses or not all(_public(a) for a in addresses):
         raise _bad(ref, f"{host} is a private or local address; remote images must be public", "image_fetch_failed")
-    return addresses[0]
+    return addresses[:_MAX_ADDRESSES]
 
 
 def _pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:
@@ -125,6 +127,22 @@ def _pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]
     return parts._replace(netloc=netloc).geturl(), {"Host": host}, {"sni_hostname": parts.hostname or ""}
 
 
+def _get(client: Any, ref: ImageRef, url: str, address: str, limits: ImageLimits) -> bytes | str:
+    """One hop, from `address`: the body, or the URL a redirect points to."""
+    target, headers, extensions = _pinned(url, address)
+    with client.stream("GET", target, headers=headers, extensions=extensions) as resp:
+        if resp.is_redirect and "location" in resp.headers:
+            return urljoin(url, resp.headers["location"])
+        if resp.status_code != 200:
+            raise _bad(ref, f"fetching it answered HTTP {resp.status_code}", "image_fetch_failed")
+        data = bytearray()
+        for chunk in resp.iter_bytes():
+            data += chunk
+            if len(data) > limits.max_bytes:
+                raise _bad(ref, f"larger than {limits.max_bytes} bytes", "image_too_large")
+        return bytes(data)
+
+
 def _fetch(ref: ImageRef, limits: ImageLimits) -> bytes:
     import httpx
 
@@ -133,22 +151,19 @@ def _fetch(ref: ImageRef, limits: ImageLimits) -> bytes:
         for _ in range(_MAX_REDIRECTS + 1):
             if urlsplit(url).scheme not in ("http", "https"):
                 raise _bad(ref, "redirected to a URL that is not http(s)", "image_fetch_failed")
-            target, headers, extensions = _pinned(url, _public_address(ref, url))
-            try:
-                with client.stream("GET", target, headers=headers, extensions=extensions) as resp:
-                    if resp.is_redirect and "location" in resp.headers:
-                        url = urljoin(url, resp.headers["location"])
-                        continue
-                    if resp.status_code != 200:
-                        raise _bad(ref, f"fetching it answered HTTP {resp.status_code}", "image_fetch_failed")
-                    data = bytearray()
-                    for chunk in resp.iter_bytes():
-                        data += chunk
-                        if len(data) > limits.max_bytes:
-                            raise _bad(ref, f"larger than {limits.max_bytes} bytes", "image_too_large")
-                    return bytes(data)
-            except httpx.HTTPError as e:
-                raise _bad(ref, f"fetching it failed ({type(e).__name__})", "image_fetch_failed") from None
+            addresses = _public_addresses(ref, url)
+            for i, address in enumerate(addresses):
+                try:
+                    got = _get(client, ref, url, address, limits)
+                    break
+                except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # the next address, as a name would
+                    if i + 1 == len(addresses):
+                        raise _bad(ref, f"fetching it failed ({type(e).__name__})", "image_fetch_failed") from None
+                except httpx.HTTPError as e:
+                    raise _bad(ref, f"fetching it failed ({type(e).__name__})", "image_fetch_failed") from None
+            if isinstance(got, bytes):
+                return got
+            url = got
     raise _bad(ref, f"more than {_MAX_REDIRECTS} redirects", "image_fetch_failed")
 
 
