@@ -4,8 +4,8 @@
 the server runs with --allow-remote-images, fetched with a timeout and a size cap, refusing
 any hop (the first or a redirect) whose host resolves to a private, loopback or link-local
 address, and connecting to the address that was checked, so a request cannot make the
-server read its own network. Every problem is a
-400 naming the image (`messages[i].content[j]`) and what is wrong with it."""
+server read its own network. Every problem is a 400 naming the image
+(`messages[i].content[j]`) and what is wrong with it."""
 
 from __future__ import annotations
 
