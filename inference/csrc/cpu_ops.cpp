@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "load16.h"
 #include "ops.h"
 #include "prefetch.h"
 #include "reduce16.h"
@@ -107,17 +108,7 @@ ALWAYS_INLINE float dot_generic(const float* q, const T* k, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-// 16 cache values as floats in one register.
-ALWAYS_INLINE __m512 load16(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-ALWAYS_INLINE __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-ALWAYS_INLINE __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using ringllm::load16;  // 16 cache values as floats in one register
 #endif
 
 

@@ -10,21 +10,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "load16.h"
 
 namespace ringllm {
 
 constexpr int64_t kBlock = 32;  // activations (and q4 weights) share a scale per 32 columns
-
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 is float32's top half: exact
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-#endif
 
 // One activation row: x ~ q * scale per block, scale = max|x| / 127 (the last block may be
 // shorter). `sums` gets each block's float sum (the q4 min term). Full blocks of float32 or
